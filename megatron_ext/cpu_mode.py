@@ -1,0 +1,188 @@
+"""CPU mode: run Megatron-Core 0.16.1 on CPU ranks over gloo.
+
+Megatron-Core treats "the device" as CUDA in many places. CPU mode makes the CPU play that role,
+so that Megatron-Core's own code paths (tensor-parallel layers, pipeline schedules, DDP, the
+distributed optimizer, dist checkpointing) run unchanged on CPU processes talking over gloo. It
+is what the test-suite runs on, and what lets a user rehearse a cluster layout on a workstation.
+
+It is never switched on silently: call :func:`enable` (``pretrain_mixtral.py --cpu`` does) or set
+``MEGATRON_EXT_CPU=1`` and call :func:`enable_from_env`.
+
+What it does, and why each piece is needed (every one was found by running Megatron-Core here):
+
+1. ``_CudaAsCpu``, a ``TorchFunctionMode`` pushed for the whole process:
+   * any ``device=`` that names CUDA (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")``, a bare
+     int as returned by ``torch.cuda.current_device()``) becomes ``"cpu"``: the causal mask
+     (``device="cuda"``), the pipeline schedule's token counter, DDP's grad buffers, rotary
+     embeddings (``.to(torch.cuda.current_device())``) and many ``torch.empty(...,
+     device=torch.cuda.current_device())`` calls;
+   * ``Tensor.cuda()`` and ``Tensor.to("cuda")`` keep the tensor where it is; ``pin_memory()`` and
+     ``record_stream()`` are no-ops (both need a CUDA runtime);
+   * ``Tensor.type()`` with no argument reports ``torch.cuda.<T>Tensor``: the optimizer,
+     distributed optimizer and ``clip_grads`` assert ``param.type() == 'torch.cuda.FloatTensor'``.
+2. ``torch.cuda`` functions that would raise "Torch not compiled with CUDA enabled":
+   ``current_device`` returns 0 (turned into the CPU by 1.), ``device_count`` 1, ``set_device``,
+   ``synchronize``, ``empty_cache`` and ``nvtx`` ranges do nothing; ``Stream``, ``Event``,
+   ``stream()``, ``current_stream()`` and ``default_stream()`` are inert stand-ins (Megatron's
+   alltoall dispatcher and DDP's overlap create side streams; on CPU everything is already
+   ordered); memory statistics read 0.
+3. The CUDA RNG is the CPU default generator: ``torch.cuda.{get_rng_state, set_rng_state,
+   manual_seed, manual_seed_all}`` and Megatron's ``_get_cuda_rng_state`` /
+   ``_set_cuda_rng_state`` (used by ``CudaRNGStatesTracker``) read and write
+   ``torch.default_generator``. On a GPU, random ops on CUDA tensors draw from the CUDA default
+   generator; here they draw from the CPU one, so this mapping keeps the tracker's semantics:
+   ``fork("model-parallel-rng")`` gives each TP rank its own stream for initialisation and
+   dropout, exactly as on GPUs.
+Nothing else is changed (gloo in torch 2.13 has every collective Megatron-Core uses here,
+including ``reduce_scatter_tensor`` for the distributed optimizer and uneven
+``all_to_all_single``); numerics are those of Megatron-Core's own modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+ENV_VAR = "MEGATRON_EXT_CPU"
+
+_state: dict = {}  # the active mode and the originals it replaced, for disable()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means a CUDA ordinal (what torch.cuda.current_device() returns); bool is an int.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_KEEP = (torch.Tensor.cuda, torch.Tensor.pin_memory)
+_NOOP = (torch.Tensor.record_stream,)
+
+
+class _CudaAsCpu(TorchFunctionMode):
+    """Rewrites CUDA placements to the CPU (see the module docstring, point 1)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _KEEP:
+            return args[0]
+        if func in _NOOP:
+            return None
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Inert:
+    """Stands in for torch.cuda.Stream / Event: every method does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def query(self) -> bool:
+        return True
+
+
+def _cpu_get_rng_state(*args, **kwargs):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, *args, **kwargs):
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed):
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patches() -> list[tuple[object, str, object]]:
+    cuda = torch.cuda
+    stream_ctx = contextlib.nullcontext
+    patches = [
+        (cuda, "current_device", lambda: 0),
+        (cuda, "device_count", lambda: 1),
+        (cuda, "set_device", lambda *a, **k: None),
+        (cuda, "synchronize", lambda *a, **k: None),
+        (cuda, "empty_cache", lambda *a, **k: None),
+        (cuda, "Stream", _Inert),
+        (cuda, "Event", _Inert),
+        (cuda, "stream", lambda *a, **k: stream_ctx()),
+        (cuda, "current_stream", lambda *a, **k: _Inert()),
+        (cuda, "default_stream", lambda *a, **k: _Inert()),
+        (cuda, "memory_allocated", lambda *a, **k: 0),
+        (cuda, "max_memory_allocated", lambda *a, **k: 0),
+        (cuda, "memory_reserved", lambda *a, **k: 0),
+        (cuda, "max_memory_reserved", lambda *a, **k: 0),
+        (cuda, "reset_peak_memory_stats", lambda *a, **k: None),
+        (cuda.nvtx, "range_push", lambda *a, **k: None),
+        (cuda.nvtx, "range_pop", lambda *a, **k: None),
+        (cuda.nvtx, "range", lambda *a, **k: stream_ctx()),
+        (cuda, "get_rng_state", _cpu_get_rng_state),
+        (cuda, "set_rng_state", _cpu_set_rng_state),
+        (cuda, "manual_seed", _cpu_manual_seed),
+        (cuda, "manual_seed_all", _cpu_manual_seed),
+        (cuda.random, "get_rng_state", _cpu_get_rng_state),
+        (cuda.random, "set_rng_state", _cpu_set_rng_state),
+        (cuda.random, "manual_seed", _cpu_manual_seed),
+    ]
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    patches += [
+        (mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state),
+        (mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state),
+    ]
+    return patches
+
+
+def is_enabled() -> bool:
+    return "mode" in _state
+
+
+def enable() -> None:
+    """Switch CPU mode on for this process (idempotent). Call before building any model."""
+    if is_enabled():
+        return
+    if torch.cuda.is_available() and os.environ.get(ENV_VAR) != "force":
+        raise RuntimeError(
+            "CPU mode was asked for on a machine with a CUDA device; drop --cpu to use the GPU "
+            f"(set {ENV_VAR}=force to rehearse on CPU anyway)."
+        )
+    originals = []
+    for owner, name, new in _patches():
+        originals.append((owner, name, getattr(owner, name, None)))
+        setattr(owner, name, new)
+    mode = _CudaAsCpu()
+    mode.__enter__()
+    _state.update(mode=mode, originals=originals)
+
+
+def disable() -> None:
+    """Undo :func:`enable` (used by tests that check the mode is what makes things work)."""
+    if not is_enabled():
+        return
+    _state.pop("mode").__exit__(None, None, None)
+    for owner, name, orig in reversed(_state.pop("originals")):
+        setattr(owner, name, orig)
+
+
+def enable_from_env() -> bool:
+    """Enable CPU mode if ``MEGATRON_EXT_CPU`` is set to 1/true/force; return whether it is on."""
+    if os.environ.get(ENV_VAR, "").lower() in ("1", "true", "yes", "force"):
+        enable()
+    return is_enabled()

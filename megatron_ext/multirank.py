@@ -1,0 +1,145 @@
+"""Run a function on N gloo ranks in child processes (the multi-rank test harness).
+
+    results = run_on_ranks(body, world_size=4, args=(tp, ep), timeout=300)
+
+``body(*args)`` runs in every rank with ``torch.distributed`` initialised over gloo (a free
+localhost port is chosen), ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set and, by default, CPU mode
+on. Its return values come back as a list indexed by rank. If any rank raises, every rank is
+stopped and a ``MultiRankError`` names the failing rank(s) with their tracebacks; a run that
+outlasts ``timeout`` seconds (a hang in a collective, say) is killed and reported the same way.
+
+Children come from a fork server that has already imported torch and Megatron-Core, so a rank
+starts in well under a second instead of re-importing everything; ``body`` must be importable by
+name (a module-level function).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+_PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state", "megatron_ext.cpu_mode"]
+
+
+class MultiRankError(RuntimeError):
+    """One or more ranks failed or timed out."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        if cpu:
+            from megatron_ext import cpu_mode
+
+            cpu_mode.enable()
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        out = fn(*args, **kwargs)
+        results.put((rank, "ok", out))
+    except BaseException:  # report everything, including assertion errors and SystemExit
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        except Exception:
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    kwargs: dict | None = None,
+    *,
+    timeout: float = 300.0,
+    cpu: bool = True,
+    threads: int | None = None,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's result."""
+    ctx = _context()
+    results = ctx.Queue()
+    port = free_port()
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(fn, r, world_size, port, tuple(args), kwargs or {}, cpu, threads, results),
+            daemon=False,  # ranks may start processes of their own (dist_checkpointing does)
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outs: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outs) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                for r in dead:
+                    if r not in outs and r not in errors:
+                        errors[r] = f"process exited with code {procs[r].exitcode}"
+                if errors:
+                    deadline = min(deadline, time.monotonic() + 5.0)  # let peers report, then stop
+                continue
+            (outs if status == "ok" else errors)[rank] = payload
+            if errors:
+                deadline = min(deadline, time.monotonic() + 5.0)
+    finally:
+        for p in procs:
+            p.join(timeout=0.5 if errors or len(outs) < world_size else 10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        first = next(iter(errors))  # dicts keep arrival order: the rank that failed first
+        detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())
+        raise MultiRankError(
+            f"{fn.__name__} failed on rank(s) {sorted(errors)} of {world_size}; rank {first} "
+            f"failed first (the others may only have lost their peer)\n{detail}"
+        )
+    missing = [r for r in range(world_size) if r not in outs]
+    if missing:
+        raise MultiRankError(
+            f"{fn.__name__} timed out after {timeout:.0f}s on {world_size} ranks; "
+            f"rank(s) {missing} never finished (a hang in a collective?)"
+        )
+    return [outs[r] for r in range(world_size)]
