@@ -1,0 +1,49 @@
+"""The multi-rank harness: results by rank, failures named with their rank, hangs time out."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_ext.multirank import MultiRankError, run_on_ranks
+
+
+def _sum_of_ranks(scale):
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item() * scale, dist.get_world_size()
+
+
+def _fails_on_rank_2():
+    if dist.get_rank() == 2:
+        raise ValueError("boom on purpose")
+    dist.barrier()
+
+
+def _rank_1_hangs():
+    if dist.get_rank() == 1:
+        time.sleep(600)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_results_come_back_by_rank(world):
+    results = run_on_ranks(_sum_of_ranks, world, args=(2.0,))
+    expected = sum(range(world)) * 2.0
+    assert results == [(r, expected, world) for r in range(world)]
+
+
+def test_failure_names_the_rank_that_failed_first():
+    with pytest.raises(MultiRankError) as err:
+        run_on_ranks(_fails_on_rank_2, 4, timeout=60)
+    text = str(err.value)
+    assert "rank 2 failed first" in text
+    assert "ValueError: boom on purpose" in text
+
+
+def test_hang_is_killed_at_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(MultiRankError, match=r"timed out after 5s .*rank\(s\) \[0, 1\]"):
+        run_on_ranks(_rank_1_hangs, 2, timeout=5)
+    assert time.monotonic() - start < 30
