@@ -33,6 +33,10 @@ What it does, and why each piece is needed (every one was found by running Megat
    generator; here they draw from the CPU one, so this mapping keeps the tracker's semantics:
    ``fork("model-parallel-rng")`` gives each TP rank its own stream for initialisation and
    dropout, exactly as on GPUs.
+4. ``CudaRNGStatesTracker.fork`` warns "CPU RNG state changed within GPU RNG context" when the
+   CPU generator moved inside a fork. Under CPU mode the CPU generator *is* the forked stream,
+   so it always moves; a logging filter drops exactly that message (while the mode is on).
+
 Nothing else is changed (gloo in torch 2.13 has every collective Megatron-Core uses here,
 including ``reduce_scatter_tensor`` for the distributed optimizer and uneven
 ``all_to_all_single``); numerics are those of Megatron-Core's own modules.
@@ -41,6 +45,7 @@ including ``reduce_scatter_tensor`` for the distributed optimizer and uneven
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -97,6 +102,14 @@ class _Inert:
 
     def query(self) -> bool:
         return True
+
+
+class _DropForkRngWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+_RNG_LOGGER = "megatron.core.tensor_parallel.random"
 
 
 def _cpu_get_rng_state(*args, **kwargs):
@@ -169,7 +182,9 @@ def enable() -> None:
         setattr(owner, name, new)
     mode = _CudaAsCpu()
     mode.__enter__()
-    _state.update(mode=mode, originals=originals)
+    rng_filter = _DropForkRngWarning()
+    logging.getLogger(_RNG_LOGGER).addFilter(rng_filter)
+    _state.update(mode=mode, originals=originals, rng_filter=rng_filter)
 
 
 def disable() -> None:
@@ -177,6 +192,7 @@ def disable() -> None:
     if not is_enabled():
         return
     _state.pop("mode").__exit__(None, None, None)
+    logging.getLogger(_RNG_LOGGER).removeFilter(_state.pop("rng_filter"))
     for owner, name, orig in reversed(_state.pop("originals")):
         setattr(owner, name, orig)
 

@@ -1,0 +1,249 @@
+"""Command-line flags of ``pretrain_mixtral.py``: Megatron-LM's names, grouped, validated early.
+
+``parse_args(argv, world_size)`` returns an ``argparse.Namespace`` after
+1. filling architecture flags from ``--model PRESET`` (explicit flags win, and are reported),
+2. checking the parallel layout *before anything is built*; every error names the flags and
+   numbers involved (``LayoutError``),
+3. collecting, to be printed once by rank 0, what was changed (``args.notices``) and each
+   flag that is accepted for Megatron-LM compatibility but not honoured here
+   (``args.unhonoured``), instead of ignoring it silently.
+
+``transformer_config`` (in ``megatron_ext.model.builder``) is the one place flags become
+``TransformerConfig`` fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from megatron_ext.layout import LayoutError, unhonoured, validate
+from megatron_ext.model.presets import PRESETS
+
+__all__ = ["LayoutError", "build_parser", "parse_args"]
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model architecture")
+    g.add_argument("--model", choices=sorted(PRESETS), help="preset that fills the flags below")
+    g.add_argument("--use-mcore-models", action="store_true", help="accepted; always true here")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--group-query-attention", action="store_true", default=None)
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default=None)
+    g.add_argument("--norm-epsilon", type=float, default=None)
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"])
+    g.add_argument("--no-position-embedding", action="store_true", help="no learned positions")
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--swiglu", action="store_true", default=None)
+    g.add_argument("--disable-bias-linear", action="store_true", default=None)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--no-masked-softmax-fusion", action="store_true")
+    g.add_argument("--window-size", type=int, default=None, help="sliding-window attention")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None)
+
+
+def _moe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int)
+    g.add_argument("--moe-router-topk", type=int)
+    g.add_argument(
+        "--moe-router-load-balancing-type",
+        default="aux_loss",
+        choices=["aux_loss", "none", "aux_loss_free"],
+    )
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-grouped-gemm", action="store_true")
+    g.add_argument(
+        "--moe-token-dispatcher-type",
+        default="alltoall",
+        choices=["alltoall", "allgather", "flex", "alltoall_seq"],
+    )
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="*", default=None, help="[weight] prefix ...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument(
+        "--tokenizer-type",
+        default="Llama2Tokenizer",
+        choices=[
+            "Llama2Tokenizer",
+            "SentencePieceTokenizer",
+            "HuggingFaceTokenizer",
+            "NullTokenizer",
+        ],
+    )
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-size", type=int, help="with NullTokenizer / --mock-data")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=0, help="accepted; data is read in-process")
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, required=False)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", choices=["adam"], default="adam")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--cpu", action="store_true", help="CPU ranks over gloo (megatron_ext.cpu_mode)")
+
+
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16 static scale")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
+    g.add_argument(
+        "--fp8-recipe", choices=["tensorwise", "delayed", "mxfp8", "blockwise"], default="delayed"
+    )
+
+
+def _logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="per-device peak for MFU (default: H100 989 bf16 / 1979 fp8 on GPU)",
+    )
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--wandb-project", default=None, help="accepted; use --tensorboard-dir")
+    g.add_argument("--wandb-exp-name", default=None, help="accepted; use --tensorboard-dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_mixtral.py", description="Mixtral-style SMoE pretraining on Megatron-Core"
+    )
+    for add in (
+        _model_args,
+        _moe_args,
+        _data_args,
+        _training_args,
+        _parallel_args,
+        _precision_args,
+        _logging_args,
+    ):
+        add(p)
+    return p
+
+
+# Architecture flags a preset fills: flag dest -> preset field (None: a fixed Mixtral value).
+_PRESET_FLAGS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "num_experts": "num_experts",
+    "moe_router_topk": "moe_router_topk",
+    "seq_length": "seq_length",
+    "max_position_embeddings": "max_position_embeddings",
+    "rotary_base": "rotary_base",
+    "norm_epsilon": "norm_epsilon",
+    "vocab_size": "vocab_size",
+}
+_MIXTRAL_FIXED = {
+    "group_query_attention": True,
+    "normalization": "RMSNorm",
+    "position_embedding_type": "rope",
+    "swiglu": True,
+    "disable_bias_linear": True,
+    "untie_embeddings_and_output_weights": True,
+}
+_MEGATRON_DEFAULTS = {
+    "group_query_attention": False,
+    "normalization": "LayerNorm",
+    "norm_epsilon": 1e-5,
+    "position_embedding_type": "learned_absolute",
+    "swiglu": False,
+    "disable_bias_linear": False,
+    "untie_embeddings_and_output_weights": False,
+    "rotary_base": 10000.0,
+    "moe_router_topk": 2,
+}
+
+
+def _apply_preset(args: argparse.Namespace) -> None:
+    if args.model:
+        arch = PRESETS[args.model]
+        values = {dest: getattr(arch, field) for dest, field in _PRESET_FLAGS.items()}
+        values.update(_MIXTRAL_FIXED)
+        for dest, value in values.items():
+            given = getattr(args, dest)
+            if given is None:
+                setattr(args, dest, value)
+            elif given != value:
+                args.notices.append(
+                    f"--{dest.replace('_', '-')} {given} overrides --model {args.model}"
+                )
+    for dest, value in _MEGATRON_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.num_query_groups is None or not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+
+
+def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.notices = []  # said once by rank 0: overrides, switched-off flags
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _apply_preset(args)
+    validate(args, world_size)
+    args.world_size = world_size
+    args.unhonoured = unhonoured(args)
+    return args

@@ -1,0 +1,138 @@
+"""Tokenizer, datasets and batches for pretraining.
+
+Datasets are Megatron-Core's own: ``GPTDataset`` over ``.bin/.idx`` files (made by
+``python -m data_tools preprocess``) through ``BlendedMegatronDatasetBuilder``, with
+``--data-path [weight] prefix ...`` blends and ``--split``; ``MockGPTDataset`` for ``--mock-data``.
+
+Batches follow Megatron-LM's pretraining sampler, so the data order depends only on the number of
+samples consumed: step ``s`` uses global samples ``[s*G, (s+1)*G)``; micro-batch ``j`` of it
+takes ``mb*DP`` consecutive samples and data-parallel rank ``r`` the ``r``-th block of ``mb``.
+Resuming with ``consumed_samples`` continues the exact sequence, and every layout sees the same
+global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+
+class _Tokenizer:
+    """What Megatron-Core's datasets need: ``eod``, ``vocab_size``, ``pad`` and
+    ``unique_identifiers`` (hashed into the dataset index cache names)."""
+
+    source = ""
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": type(self).__name__, "source": self.source, "vocab": self.vocab_size}
+
+
+class SentencePieceTokenizer(_Tokenizer):
+    """Llama2Tokenizer / SentencePieceTokenizer semantics: EOD is ``</s>`` (id 2 for Mixtral)."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        self.source = model_path
+        self.vocab_size = self._sp.vocab_size()
+        self.eod = self._sp.eos_id()
+        self.bos = self._sp.bos_id()
+        self.pad = -1  # no pad piece: Megatron's GPTDataset then pads with -1 and masks it
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self._sp.decode(list(ids))
+
+
+class HuggingFaceTokenizer(_Tokenizer):
+    """A local ``transformers`` tokenizer directory (nothing is downloaded)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.source = path
+        self.vocab_size = len(self._tok)
+        self.eod = self._tok.eos_token_id
+        self.bos = self._tok.bos_token_id
+        self.pad = -1
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+
+class NullTokenizer(_Tokenizer):
+    """Ids only (``--mock-data``): vocabulary from ``--vocab-size``, EOD the last id."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+        self.bos = None
+        self.pad = -1
+
+
+def build_tokenizer(args: argparse.Namespace):
+    kind = args.tokenizer_type
+    if kind == "NullTokenizer" or (args.mock_data and not args.tokenizer_model):
+        if args.vocab_size is None:
+            raise ValueError("--mock-data without --tokenizer-model needs --vocab-size")
+        return NullTokenizer(args.vocab_size)
+    if not args.tokenizer_model:
+        raise ValueError(f"--tokenizer-type {kind} needs --tokenizer-model")
+    if kind in ("Llama2Tokenizer", "SentencePieceTokenizer"):
+        return SentencePieceTokenizer(args.tokenizer_model)
+    return HuggingFaceTokenizer(args.tokenizer_model)
+
+
+def split_sizes(args: argparse.Namespace) -> list[int]:
+    """Samples needed from the train / validation / test splits over the whole run."""
+    g = args.global_batch_size
+    evals = args.train_iters // args.eval_interval + 1 if args.eval_iters else 0
+    return [args.train_iters * g, evals * args.eval_iters * g, args.eval_iters * g]
+
+
+def build_datasets(args: argparse.Namespace, tokenizer):
+    """(train, valid, test) datasets, built with Megatron-Core's blended builder."""
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=None if args.mock_data else get_blend_from_list(args.data_path),
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal masking is done by the attention itself
+        mid_level_dataset_surplus=0.005,
+    )
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, split_sizes(args), lambda: True, config).build()
+
+
+def micro_batches(
+    dataset, consumed_samples: int, args: argparse.Namespace
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches, forever from ``consumed_samples`` on (see module docstring)."""
+    mb = args.micro_batch_size
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    start = consumed_samples
+    while True:
+        first = start + rank * mb
+        samples = [dataset[(first + i) % len(dataset)] for i in range(mb)]
+        yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        start += mb * dp

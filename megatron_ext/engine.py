@@ -1,0 +1,120 @@
+"""Process setup for training: distributed init, parallel groups, seeds, model, DDP, optimizer.
+
+Everything here is Megatron-Core's own machinery (``parallel_state``, ``DistributedDataParallel``,
+the (distributed) optimizer, ``OptimizerParamScheduler``); this module only wires it to the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_ext import cpu_mode
+from megatron_ext.model import build_model
+
+
+def initialize(args: argparse.Namespace) -> None:
+    """CPU mode (if asked), the process group, Megatron's parallel groups, and the seeds."""
+    if args.cpu:
+        cpu_mode.enable()
+    if not dist.is_initialized():
+        if not args.cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="gloo" if args.cpu else "nccl",
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=args.world_size,
+            timeout=timedelta(minutes=30),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+    )
+    set_seed(args.seed)
+
+
+def set_seed(seed: int) -> None:
+    """Megatron-LM's seeding: the same seed, offset by 100 x pipeline rank; TP RNG streams."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def setup_model_and_optimizer(args: argparse.Namespace, config):
+    """Model chunks wrapped in Megatron DDP, the Megatron optimizer and the LR scheduler."""
+    chunks = build_model(args, config)
+    if not args.cpu:
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+        bucket_size=None if args.cpu else 40_000_000,
+    )
+    model = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=args.optimizer,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            fp16=args.fp16,
+            params_dtype=config.params_dtype,
+            loss_scale=args.loss_scale,
+            initial_loss_scale=args.initial_loss_scale,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_param_gather_with_optimizer_step=False,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    # The pipeline schedules take these from the config.
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    if args.overlap_grad_reduce:
+        config.grad_sync_func = [m.start_grad_sync for m in model]
+        if len(model) == 1:
+            config.grad_sync_func = config.grad_sync_func[0]
+    if args.overlap_param_gather and args.use_distributed_optimizer:
+        config.param_sync_func = [m.start_param_sync for m in model]
+        if len(model) == 1:
+            config.param_sync_func = config.param_sync_func[0]
+    return model, optimizer, scheduler

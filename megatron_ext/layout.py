@@ -1,0 +1,165 @@
+"""Layout validation: every invalid combination of flags fails here, before a model is built.
+
+Each error names the flags and the numbers involved. Rules (as Megatron-LM, plus EP):
+world size = TP x PP x DP; EP divides DP; experts divisible by EP; layers divisible by PP and,
+with virtual stages, layers per stage divisible by ``--num-layers-per-virtual-pipeline-stage``;
+heads and query groups divisible by TP; global batch divisible by micro batch x DP.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class LayoutError(ValueError):
+    """An invalid combination of flags, found before any model is built."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise LayoutError(message)
+
+
+def validate(args: argparse.Namespace, world_size: int) -> None:
+    """Check the layout and model flags; derive ``args.data_parallel_size`` and friends."""
+    missing = [
+        f
+        for f in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "num_experts",
+            "seq_length",
+        )
+        if getattr(args, f) is None
+    ]
+    _require(
+        not missing,
+        "missing "
+        + ", ".join("--" + m.replace("_", "-") for m in missing)
+        + " (or pass --model PRESET)",
+    )
+    _require(
+        args.swiglu and args.disable_bias_linear,
+        "the SMoE experts are SwiGLU without biases: pass --swiglu --disable-bias-linear "
+        "(or --model PRESET)",
+    )
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep = args.expert_model_parallel_size
+    _require(
+        world_size % (tp * pp) == 0,
+        f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+        f"--pipeline-model-parallel-size {pp} (world size = TP x PP x DP)",
+    )
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+    _require(
+        dp % ep == 0,
+        f"--expert-model-parallel-size {ep} must divide the data-parallel size {dp} "
+        f"(= world size {world_size} / (TP {tp} x PP {pp}))",
+    )
+    _require(
+        args.num_experts % ep == 0,
+        f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}",
+    )
+    _require(
+        args.num_layers % pp == 0,
+        f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
+    )
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage:
+        per_stage, vl = args.num_layers // pp, args.num_layers_per_virtual_pipeline_stage
+        _require(
+            pp > 1,
+            "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
+        )
+        _require(
+            per_stage % vl == 0,
+            f"--num-layers {args.num_layers} / --pipeline-model-parallel-size {pp} = "
+            f"{per_stage} layers per stage, not divisible by "
+            f"--num-layers-per-virtual-pipeline-stage {vl}",
+        )
+        args.virtual_pipeline_model_parallel_size = per_stage // vl
+    _require(
+        args.num_attention_heads % tp == 0,
+        f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+        f"--tensor-model-parallel-size {tp}",
+    )
+    _require(
+        args.num_query_groups % tp == 0,
+        f"--num-query-groups {args.num_query_groups} is not divisible by "
+        f"--tensor-model-parallel-size {tp}",
+    )
+    _require(
+        args.num_attention_heads % args.num_query_groups == 0,
+        f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+        f"--num-query-groups {args.num_query_groups}",
+    )
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    mb = args.micro_batch_size
+    _require(
+        args.global_batch_size % (mb * dp) == 0,
+        f"--global-batch-size {args.global_batch_size} is not divisible by "
+        f"--micro-batch-size {mb} x data-parallel size {dp} (= {mb * dp})",
+    )
+    args.num_microbatches = args.global_batch_size // (mb * dp)
+    if args.virtual_pipeline_model_parallel_size:
+        _require(
+            args.num_microbatches % pp == 0,
+            f"the interleaved schedule needs the number of micro-batches "
+            f"({args.num_microbatches} = --global-batch-size / (--micro-batch-size x DP)) "
+            f"to be a multiple of --pipeline-model-parallel-size {pp}",
+        )
+    _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive")
+    _require(
+        args.seq_length <= args.max_position_embeddings,
+        f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+        f"{args.max_position_embeddings}",
+    )
+    _require(args.train_iters is not None and args.train_iters > 0, "--train-iters is required")
+    _require(
+        args.mock_data or args.data_path,
+        "pass --data-path PREFIX [PREFIX ...] (from `python -m data_tools preprocess`) "
+        "or --mock-data",
+    )
+    if args.sequence_parallel and tp == 1:
+        args.notices.append(
+            "--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
+            "switched off (as Megatron-LM does)"
+        )
+        args.sequence_parallel = False
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.transformer_impl is None:
+        args.transformer_impl = "local" if args.cpu else "transformer_engine"
+
+
+def unhonoured(args: argparse.Namespace) -> list[str]:
+    """Flags accepted for Megatron-LM compatibility that have no effect here, with the reason."""
+    notes = []
+    if args.moe_token_dispatcher_type != "alltoall":
+        notes.append(
+            f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: this stack "
+            "always uses its dropless all-to-all dispatcher"
+        )
+    if args.no_position_embedding and args.position_embedding_type == "rope":
+        pass  # meaningful: no learned positions; RoPE is used
+    if args.cpu:
+        if args.moe_grouped_gemm:
+            notes.append("--moe-grouped-gemm: on CPU the experts run as a loop of GEMMs")
+        if args.fp8_format:
+            notes.append(
+                f"--fp8-format {args.fp8_format}: FP8 needs a GPU with Transformer "
+                "Engine; CPU ranks compute in fp32/bf16"
+            )
+        if args.bf16:
+            notes.append("--bf16 on CPU: supported but slow; use it to rehearse, fp32 to test")
+    if args.no_masked_softmax_fusion:
+        notes.append("--no-masked-softmax-fusion: the local attention path never fuses softmax")
+    if args.wandb_project or args.wandb_exp_name:
+        notes.append("--wandb-project/--wandb-exp-name: W&B is not wired in; use --tensorboard-dir")
+    if args.num_workers:
+        notes.append("--num-workers: batches are read in the training process")
+    return notes

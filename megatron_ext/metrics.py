@@ -1,0 +1,130 @@
+"""What the training loop reports: FLOPs, throughput, MFU, expert load; stdout and TensorBoard.
+
+FLOPs (docs/flops.md has the derivation). Per token, forward, for each layer with hidden H,
+FFN F, query heads A with head dim d, G KV groups, E experts, top-k K, sequence S:
+
+    attention projections  2*H*(A*d + 2*G*d) + 2*(A*d)*H
+    attention scores       2*2*S*A*d * 1/2          (QK^T and PV; causal: half the square)
+    router                 2*H*E
+    experts                K * 3 * 2*H*F            (w1, w3, w2 of the K selected experts)
+
+plus the output layer 2*H*V once. Training counts forward + backward = 3x forward. MFU is
+achieved FLOP/s per device over the device's peak: only *active* parameters count, so an MoE is
+not credited for experts it did not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+# Dense peak TFLOP/s of an H100 SXM (NVIDIA datasheet, without sparsity).
+H100_PEAK_TFLOPS = {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7}
+
+
+def training_flops_per_token(args: argparse.Namespace) -> float:
+    h, f, s = args.hidden_size, args.ffn_hidden_size, args.seq_length
+    d = h // args.num_attention_heads
+    q, kv = args.num_attention_heads * d, args.num_query_groups * d
+    per_layer = (
+        2 * h * (q + 2 * kv)
+        + 2 * q * h
+        + 2 * 2 * s * q / 2
+        + 2 * h * args.num_experts
+        + args.moe_router_topk * 3 * 2 * h * f
+    )
+    forward = args.num_layers * per_layer + 2 * h * args.vocab_size
+    return 3.0 * forward
+
+
+def peak_tflops(args: argparse.Namespace) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.cpu or not torch.cuda.is_available():
+        return None
+    if "H100" not in torch.cuda.get_device_name():
+        return None
+    key = "fp8" if args.fp8_format else "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return H100_PEAK_TFLOPS[key]
+
+
+def expert_load(stats: dict) -> dict[int, dict]:
+    """Per layer: tokens per expert, max/mean load ratio, mean router losses."""
+    out = {}
+    for layer, s in sorted(stats.items()):
+        tokens = s["tokens_per_expert"].double()
+        out[layer] = {
+            "tokens_per_expert": tokens,
+            "max_over_mean": float(tokens.max() / tokens.mean()) if tokens.sum() > 0 else 0.0,
+            "aux_loss": float(s["aux_loss"]),  # already a mean per micro-batch
+            "z_loss": float(s["z_loss"]),
+        }
+    return out
+
+
+def load_heatmap(load: dict[int, dict]) -> np.ndarray:
+    """A [1, layers*8, experts*8] grey image: brightness = tokens / (max over the matrix)."""
+    rows = np.stack([v["tokens_per_expert"].numpy() for v in load.values()])
+    rows = rows / max(rows.max(), 1.0)
+    return np.kron(rows, np.ones((8, 8)))[None].astype(np.float32)
+
+
+class Reporter:
+    """Prints one line per ``--log-interval`` and writes the same numbers to TensorBoard."""
+
+    def __init__(self, args: argparse.Namespace, writer=None):
+        self.args = args
+        self.writer = writer
+        self.flops_per_token = training_flops_per_token(args)
+        self.peak = peak_tflops(args)
+
+    def log(self, it: int, values: dict, step_time: float, load: dict[int, dict]) -> str:
+        a = self.args
+        tokens = a.global_batch_size * a.seq_length
+        values = dict(values)
+        values["tokens/s"] = tokens / step_time
+        values["TFLOP/s/device"] = self.flops_per_token * tokens / step_time / a.world_size / 1e12
+        if self.peak:
+            values["MFU"] = values["TFLOP/s/device"] / self.peak
+        if load:
+            ratios = [v["max_over_mean"] for v in load.values()]
+            values["expert max/mean (worst layer)"] = max(ratios)
+        parts = [f"iter {it:6d}/{a.train_iters}", f"step {step_time * 1e3:8.1f} ms"]
+        parts += [f"{k} {_fmt(v)}" for k, v in values.items()]
+        line = " | ".join(parts)
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k.replace(" ", "_"), v, it)
+            for layer, v in load.items():
+                self.writer.add_scalar(
+                    f"expert_load/max_over_mean/layer_{layer}", v["max_over_mean"], it
+                )
+                self.writer.add_scalar(f"router/aux_loss/layer_{layer}", v["aux_loss"], it)
+                self.writer.add_scalar(f"router/z_loss/layer_{layer}", v["z_loss"], it)
+                counts = v["tokens_per_expert"].double().numpy()
+                experts = np.arange(len(counts), dtype=np.float64)
+                self.writer.add_histogram_raw(  # x: expert id, height: tokens routed to it
+                    f"expert_load/tokens_per_expert/layer_{layer}",
+                    min=0.0,
+                    max=float(len(counts) - 1),
+                    num=float(counts.sum()),
+                    sum=float((experts * counts).sum()),
+                    sum_squares=float((experts**2 * counts).sum()),
+                    bucket_limits=(experts + 0.5).tolist(),
+                    bucket_counts=counts.tolist(),
+                    global_step=it,
+                )
+            if load:
+                self.writer.add_image(
+                    "expert_load/heatmap_layers_x_experts", load_heatmap(load), it
+                )
+            self.writer.flush()
+        return line
+
+
+def _fmt(v) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4e}" if abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.4f}"

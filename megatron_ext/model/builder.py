@@ -1,0 +1,158 @@
+"""Mixtral on Megatron-Core: flags -> ``TransformerConfig`` -> ``GPTModel`` with our SMoE layer.
+
+``transformer_config(args)`` is the one visible place where command-line flags become
+Megatron-Core config fields. ``layer_spec(config, impl)`` takes Megatron-Core's own GPT layer spec
+(``local``: pure PyTorch; ``transformer_engine``: TE attention, norms and FP8, import-guarded) and
+puts our top-2 dropless SMoE layer in the MLP slot. ``build_model(args, config)`` returns the
+list of model chunks for this pipeline rank (one per virtual stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+try:  # Transformer Engine needs CUDA; its spec is only offered where it imports.
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding: round up to a multiple of ``divisible_by * TP``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def transformer_config(args: argparse.Namespace) -> TransformerConfig:
+    """Map parsed flags to Megatron-Core's ``TransformerConfig`` (flag -> field, one place)."""
+    dtype = params_dtype(args)
+    window = (args.window_size - 1, 0) if args.window_size else None
+    return TransformerConfig(
+        # architecture
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        init_method_std=args.init_method_std,
+        attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        masked_softmax_fusion=not args.no_masked_softmax_fusion and not args.cpu,
+        window_size=window,
+        # mixture of experts (our SMoE layer reads these)
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_router_load_balancing_type=(
+            "none"
+            if args.moe_router_load_balancing_type == "aux_loss_free"
+            else args.moe_router_load_balancing_type
+        ),
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_grouped_gemm=args.moe_grouped_gemm and not args.cpu,
+        moe_token_dispatcher_type="alltoall",
+        # parallelism
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        # precision
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        fp8=args.fp8_format if not args.cpu else None,
+        fp8_recipe=args.fp8_recipe,
+        # kernels that only exist on GPUs
+        bias_dropout_fusion=not args.cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=args.cpu,
+    )
+
+
+def layer_spec(config: TransformerConfig, impl: str = "local") -> ModuleSpec:
+    """Megatron-Core's GPT layer spec for ``impl``, with our SMoE layer as the MLP."""
+    from megatron_ext.moe import smoe_mlp_spec
+
+    if impl == "transformer_engine":
+        if not HAVE_TE:
+            raise RuntimeError(
+                "--transformer-impl transformer_engine needs Transformer Engine (pip install "
+                "'megatron-mixtral[gpu]' or an NGC PyTorch container); use --transformer-impl "
+                "local otherwise"
+            )
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+        )
+    elif impl == "local":
+        spec = get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts, normalization=config.normalization
+        )
+        # The local spec maps pre_mlp_layernorm onto TE's fused dense-MLP name; with an MoE
+        # there is no fused fc1, so keep the plain name (the TE MoE spec uses it too) and
+        # checkpoints stay interchangeable between the two implementations.
+        spec.submodules.sharded_state_dict_keys_map = {
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_"
+        }
+    else:
+        raise ValueError(f"unknown transformer implementation {impl!r}")
+    spec.submodules.mlp = smoe_mlp_spec()
+    return spec
+
+
+def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPTModel]:
+    """This pipeline rank's model chunks (one per virtual pipeline stage)."""
+    spec = layer_spec(config, args.transformer_impl)
+    vocab = padded_vocab_size(
+        args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=vocab,
+                max_sequence_length=args.max_position_embeddings,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
+                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                position_embedding_type=args.position_embedding_type,
+                rotary_base=int(args.rotary_base),
+                vp_stage=stage,
+            )
+        )
+    return chunks

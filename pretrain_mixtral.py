@@ -1,0 +1,230 @@
+"""Pretrain a Mixtral-style sparse MoE on Megatron-Core with TP x PP x DP x EP.
+
+    torchrun --nproc-per-node 8 pretrain_mixtral.py --model 8x7b --bf16 \
+        --expert-model-parallel-size 8 --data-path my_text_document \
+        --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model ...
+    torchrun --nproc-per-node 2 pretrain_mixtral.py --cpu --model small ...   # CPU ranks, gloo
+
+Flags are Megatron-LM's (``megatron_ext/arguments.py``). The file reads top to bottom: batch,
+loss, forward step, datasets, evaluation, then the training loop.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext import checkpointing, data, engine
+from megatron_ext.arguments import LayoutError, parse_args
+from megatron_ext.metrics import Reporter, expert_load
+from megatron_ext.model import transformer_config
+from megatron_ext.moe import collect_moe_stats, set_aux_loss_scale
+
+
+def print_rank_last(*parts) -> None:
+    """Print on the last rank: it holds the loss (last pipeline stage)."""
+    if dist.get_rank() == dist.get_world_size() - 1:
+        print(*parts, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- batch
+def get_batch(data_iterator, vp_stage=None):
+    """Tokens, labels, loss mask and positions [micro_batch, seq]; None on middle stages."""
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if not (first or last):
+        return None, None, None, None
+    # The current CUDA device; under --cpu, CPU mode maps it to the CPU.
+    batch = {k: v.to(torch.cuda.current_device()) for k, v in next(data_iterator).items()}
+    return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
+
+
+# ----------------------------------------------------------------------------------------- loss
+def loss_func(loss_mask, output_tensor):
+    """Mean cross-entropy over the micro-batch's unmasked tokens (router losses ride autograd)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1)
+    # clone: the pipeline schedule scales the returned tensor in place.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+# --------------------------------------------------------------------------------- forward step
+def forward_step(data_iterator, model):
+    vp_stage = getattr(model, "vp_stage", None)
+    if vp_stage is None and hasattr(model, "module"):
+        vp_stage = getattr(model.module, "vp_stage", None)
+    tokens, labels, loss_mask, position_ids = get_batch(data_iterator, vp_stage)
+    output_tensor = model(tokens, position_ids, None, labels=labels)
+    return output_tensor, partial(loss_func, loss_mask)
+
+
+# ------------------------------------------------------------------------------------- datasets
+def datasets_provider(args, tokenizer):
+    train_ds, valid_ds, test_ds = data.build_datasets(args, tokenizer)
+    return train_ds, valid_ds, test_ds
+
+
+def data_iterators(args, dataset, consumed_samples, model):
+    """One micro-batch iterator per model chunk (each chunk's first/last stage reads its own)."""
+    if dataset is None:
+        return None
+    its = [data.micro_batches(dataset, consumed_samples, args) for _ in model]
+    return its if len(its) > 1 else its[0]
+
+
+# ------------------------------------------------------------------------------- one step, eval
+def reduce_losses(losses_per_microbatch) -> dict[str, float]:
+    """Average the reported losses over micro-batches and data-parallel ranks; all ranks get it."""
+    keys = ["lm loss"]
+    values = torch.zeros(len(keys), dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses_per_microbatch:
+        for i, k in enumerate(keys):
+            values[i] = torch.stack([x[k].double() for x in losses_per_microbatch]).mean()
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        values /= parallel_state.get_data_parallel_world_size()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    return {k: v.item() for k, v in zip(keys, values, strict=True)}
+
+
+def train_step(args, data_iterator, model, optimizer, scheduler):
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    # Router losses get the same gradient scale as the LM loss (loss scale / micro-batches).
+    set_aux_loss_scale(model, optimizer.get_loss_scale() / args.num_microbatches)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return reduce_losses(losses), ok, grad_norm
+
+
+@torch.no_grad()
+def evaluate(args, data_iterator, model) -> dict[str, float]:
+    for chunk in model:
+        chunk.eval()
+    totals = {}
+    for _ in range(args.eval_iters):
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data_iterator,
+            model=model,
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=True,
+        )
+        for k, v in reduce_losses(losses).items():
+            totals[k] = totals.get(k, 0.0) + v / args.eval_iters
+    collect_moe_stats(model, reset=True)  # eval routing is not training load
+    for chunk in model:
+        chunk.train()
+    return totals
+
+
+# ------------------------------------------------------------------------------------- the loop
+def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter):
+    train_it = data_iterators(args, train_ds, state.consumed_samples, model)
+    valid_it = data_iterators(args, valid_ds, 0, model)
+    preemption = checkpointing.Preemption()
+    start, tick = time.time(), time.time()
+    history, saved = [], state.iteration if args.load else None
+    while state.iteration < args.train_iters:
+        losses, ok, grad_norm = train_step(args, train_it, model, optimizer, scheduler)
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        state.skipped += 0 if ok else 1
+        history.append(losses["lm loss"])
+        if state.iteration % args.log_interval == 0:
+            elapsed, tick = (time.time() - tick) / args.log_interval, time.time()
+            load = expert_load(gather_moe_stats(model))
+            values = {**losses, "lr": scheduler.get_lr(optimizer.param_groups[0])}
+            values.update(grad_norm=float(grad_norm or 0.0), skipped=state.skipped)
+            for k in ("aux_loss", "z_loss"):
+                values[f"router {k}"] = sum(v[k] for v in load.values()) / max(len(load), 1)
+            print_rank_last(reporter.log(state.iteration, values, elapsed, load))
+        if args.eval_iters and valid_it and state.iteration % args.eval_interval == 0:
+            val = evaluate(args, valid_it, model)
+            print_rank_last(f"validation at iter {state.iteration}: lm loss {val['lm loss']:.4f}")
+            if reporter.writer is not None:
+                reporter.writer.add_scalar("validation/lm_loss", val["lm loss"], state.iteration)
+            state.last_validation = val["lm loss"]
+        if checkpointing.should_save(args, state):
+            checkpointing.save(args, state, model, optimizer, scheduler)
+            saved = state.iteration
+        reason = checkpointing.should_exit(args, state, start, preemption)
+        if reason:
+            print_rank_last(f"stopping after iteration {state.iteration}: {reason}")
+            break
+    if args.save and saved != state.iteration:
+        checkpointing.save(args, state, model, optimizer, scheduler)
+    return history
+
+
+def gather_moe_stats(model) -> dict:
+    """Router statistics of every layer, gathered from all pipeline stages."""
+    local = {
+        k: {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in v.items()}
+        for k, v in collect_moe_stats(model, reset=True).items()
+    }
+    gathered = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(
+        gathered, local, group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def run(argv=None) -> list[float]:
+    """Parse flags, set up, train; return the training loss of every iteration."""
+    args = parse_args(argv)
+    engine.initialize(args)
+    tokenizer = data.build_tokenizer(args)
+    args.vocab_size = tokenizer.vocab_size
+    if dist.get_rank() == 0:
+        for note in args.notices + args.unhonoured:
+            print(f"note: {note}", flush=True)
+    config = transformer_config(args)
+    model, optimizer, scheduler = engine.setup_model_and_optimizer(args, config)
+    state = checkpointing.load(args, model, optimizer, scheduler)
+    train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
+    writer = None
+    if args.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=args.tensorboard_dir)
+    reporter = Reporter(args, writer)
+    history = train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter)
+    if writer is not None:
+        writer.close()
+    parallel_state.destroy_model_parallel()
+    return history
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except LayoutError as e:  # raised before anything is built or allocated
+        print(f"pretrain_mixtral.py: error: {e}", file=sys.stderr)
+        return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

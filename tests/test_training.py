@@ -1,0 +1,82 @@
+"""pretrain_mixtral.py gives the same losses at every parallel layout (CPU ranks, fp32).
+
+All layouts start from one set of weights (saved at one rank, loaded with --finetune through
+Megatron's dist_checkpointing, which reshards) and read the same global batches (Megatron's
+MockGPTDataset, deterministic), then train three Adam steps. Losses must agree to 1e-5.
+"""
+
+import pytest
+
+from megatron_ext.multirank import run_on_ranks
+
+RTOL = 1e-5
+COMMON = (
+    "--cpu --model tiny --mock-data --vocab-size 1000 --seq-length 64 --micro-batch-size 2"
+    " --global-batch-size 8 --attention-dropout 0 --hidden-dropout 0 --eval-iters 0"
+    " --moe-aux-loss-coeff 1e-2 --moe-z-loss-coeff 1e-3 --log-interval 1 --seed 7"
+)
+
+
+def _run(argv):
+    import pretrain_mixtral
+
+    return pretrain_mixtral.run(argv)
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory):
+    """Initial weights made at one rank (one step at lr 0 leaves them unchanged)."""
+    path = str(tmp_path_factory.mktemp("reference"))
+    argv = f"{COMMON} --train-iters 1 --lr 0 --min-lr 0 --save {path}".split()
+    run_on_ranks(_run, 1, args=(argv,), timeout=300)
+    return path
+
+
+def _train(reference, world, layout):
+    argv = f"{COMMON} --train-iters 3 --lr 3e-3 --load {reference} --finetune {layout}".split()
+    histories = run_on_ranks(_run, world, args=(argv,), timeout=600)
+    return histories[-1]  # the last rank holds the loss (last pipeline stage)
+
+
+@pytest.fixture(scope="module")
+def one_rank(reference_weights):
+    return _train(reference_weights, 1, "")
+
+
+LAYOUTS = {
+    "TP2": (2, "--tensor-model-parallel-size 2"),
+    "PP2": (2, "--pipeline-model-parallel-size 2"),
+    "DP2": (2, "--use-distributed-optimizer"),
+    "EP2xDP2": (2, "--expert-model-parallel-size 2 --use-distributed-optimizer"),
+    "TP2xEP2": (
+        4,
+        "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --sequence-parallel",
+    ),
+    "PP2xDP2xEP2": (
+        4,
+        "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2"
+        " --use-distributed-optimizer",
+    ),
+}
+
+
+def test_one_rank_learns(one_rank):
+    assert len(one_rank) == 3
+    assert one_rank[-1] < one_rank[0]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_one_rank(name, reference_weights, one_rank):
+    world, layout = LAYOUTS[name]
+    losses = _train(reference_weights, world, layout)
+    assert losses == pytest.approx(one_rank, rel=RTOL)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_dp2_ep2_on_8_ranks_matches_one_rank(reference_weights, one_rank):
+    layout = (
+        "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2"
+        " --expert-model-parallel-size 2 --use-distributed-optimizer --sequence-parallel"
+    )
+    losses = _train(reference_weights, 8, layout)
+    assert losses == pytest.approx(one_rank, rel=RTOL)
