@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -44,6 +45,7 @@ def _context():
 
 
 def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
+    os.setpgrp()  # own process group: the parent can kill whatever this rank starts
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -75,6 +77,15 @@ def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
             pass
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _kill_group(pgid: int | None) -> None:
+    if pgid is None:
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def run_on_ranks(
@@ -129,6 +140,7 @@ def run_on_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
+            _kill_group(p.pid)  # helpers a rank started (dist_checkpointing's writer manager)
     if errors:
         first = next(iter(errors))  # dicts keep arrival order: the rank that failed first
         detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())
