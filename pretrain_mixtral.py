@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_ext import checkpointing, data, engine
 from megatron_ext.arguments import LayoutError, parse_args
@@ -57,9 +58,7 @@ def loss_func(loss_mask, output_tensor):
 
 # --------------------------------------------------------------------------------- forward step
 def forward_step(data_iterator, model):
-    vp_stage = getattr(model, "vp_stage", None)
-    if vp_stage is None and hasattr(model, "module"):
-        vp_stage = getattr(model.module, "vp_stage", None)
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")  # through DDP / Float16Module
     tokens, labels, loss_mask, position_ids = get_batch(data_iterator, vp_stage)
     output_tensor = model(tokens, position_ids, None, labels=labels)
     return output_tensor, partial(loss_func, loss_mask)

@@ -103,6 +103,14 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--recompute-activations",
+        action="store_true",
+        help="alias of --recompute-granularity selective (Megatron-LM)",
+    )
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--optimizer", choices=["adam"], default="adam")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -228,6 +236,8 @@ def _apply_preset(args: argparse.Namespace) -> None:
                 args.notices.append(
                     f"--{dest.replace('_', '-')} {given} overrides --model {args.model}"
                 )
+    if args.recompute_activations and args.recompute_granularity is None:
+        args.recompute_granularity = "selective"
     for dest, value in _MEGATRON_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)

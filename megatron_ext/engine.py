@@ -20,6 +20,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
 from megatron_ext import cpu_mode
 from megatron_ext.model import build_model
@@ -60,6 +61,8 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
     if not args.cpu:
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
+    if args.bf16 or args.fp16:  # half-precision parameters, fp32 main copies in the optimizer
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,

@@ -130,6 +130,12 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             "switched off (as Megatron-LM does)"
         )
         args.sequence_parallel = False
+    if args.recompute_granularity == "full":
+        _require(
+            args.recompute_method is not None and args.recompute_num_layers,
+            "--recompute-granularity full needs --recompute-method (uniform|block) and "
+            "--recompute-num-layers",
+        )
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.transformer_impl is None:

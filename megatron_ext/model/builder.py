@@ -20,7 +20,13 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext.model.norm import SequenceParallelNorm
 
 try:  # Transformer Engine needs CUDA; its spec is only offered where it imports.
     import transformer_engine  # noqa: F401
@@ -94,6 +100,14 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=args.cpu,
+        # pipeline: as Megatron-LM sets them
+        deallocate_pipeline_outputs=True,
+        overlap_p2p_comm=bool(args.virtual_pipeline_model_parallel_size),
+        batch_p2p_comm=not args.virtual_pipeline_model_parallel_size,
+        # activation recomputation
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
     )
 
 
@@ -115,6 +129,8 @@ def layer_spec(config: TransformerConfig, impl: str = "local") -> ModuleSpec:
         spec = get_gpt_layer_local_spec(
             num_experts=config.num_moe_experts, normalization=config.normalization
         )
+        spec.submodules.input_layernorm = SequenceParallelNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
         # The local spec maps pre_mlp_layernorm onto TE's fused dense-MLP name; with an MoE
         # there is no fused fc1, so keep the plain name (the TE MoE spec uses it too) and
         # checkpoints stay interchangeable between the two implementations.
@@ -127,9 +143,18 @@ def layer_spec(config: TransformerConfig, impl: str = "local") -> ModuleSpec:
     return spec
 
 
+def block_spec(config: TransformerConfig, impl: str, vp_stage: int | None):
+    """The decoder block of one model chunk: our layer spec, and for the local implementation a
+    final norm that works with sequence parallel (see ``norm.py``)."""
+    spec = layer_spec(config, impl)
+    if impl != "local":
+        return spec  # Megatron picks TE's final norm itself
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=SequenceParallelNorm)
+
+
 def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPTModel]:
     """This pipeline rank's model chunks (one per virtual pipeline stage)."""
-    spec = layer_spec(config, args.transformer_impl)
     vocab = padded_vocab_size(
         args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
@@ -140,7 +165,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPT
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=spec,
+                transformer_layer_spec=block_spec(config, args.transformer_impl, stage),
                 vocab_size=vocab,
                 max_sequence_length=args.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(
