@@ -1,0 +1,182 @@
+"""Activation memory: what autograd keeps for the backward pass, times the micro-batches in flight.
+
+Per layer and micro-batch on one rank (bytes). T = s*b tokens, T_sp = T/t with
+--sequence-parallel (else T), p bytes per activation element (2 bf16/fp16, 4 fp32), h hidden,
+q = A*d, kv = G*d, a = A/t local heads, F expert FFN, K top-k, E experts, M = T*K*imbalance
+rows reaching this rank's experts (dropless: on average every EP rank gets T*K rows):
+
+    attention  norm          local (torch RMSNorm): 2*T_sp*h*p + 4*T_sp (input, normalised,
+                             rstd); Transformer Engine (fused into linear_qkv): T_sp*h*p + 4*T_sp
+               linear_qkv    T_sp*h*p (its input; gathered again in the backward under SP)
+               RoPE          4*s*d*4 (cos and sin, for q and k)
+               core          local (unfused): q, and k, v repeated to A heads: 3*T*q/t*p, plus the
+                             fp32 softmax b*a*s^2*4 (+ its cast b*a*s^2*p when p < 4);
+                             flash (TE): q, k, v, output: T*(2q + 2kv)/t*p + lse b*a*s*4
+               linear_proj   T*q/t*p (local; with flash it is the saved output, counted above)
+    MoE        norm          local: 2*T_sp*h*p + 4*T_sp;  TE: T_sp*h*p + 4*T_sp
+               router        T*h*4 (fp32 input of the gate), 3*T*E*4 with p < 4 (2 in
+                             fp32: logits, scores, their cast), T*K*(8 + 4) (ids, weights)
+               dispatch      3*T*K*8 (permutation indices), + 2*M*8 with EP > 1 and several
+                             local experts (regrouping by expert)
+               experts       M*h*p (input), M*2F/t*p (w1|w3 output, for SwiGLU),
+                             2*M*F/t*p (SwiGLU output and its weighted copy, for w2)
+               combine       T*K*h*p (expert outputs, to weight by the router)
+
+(The MoE terms mirror what ``megatron_ext/moe`` saves; tests/test_plan.py measures them.)
+    dropout    1 byte per element masked when --attention-dropout / --hidden-dropout > 0
+               (hidden: 2*T_sp*h per layer; attention: b*a*s^2 on the unfused path)
+
+Plus, once per micro-batch: first stage token ids T*8 (+ a T-byte mask with TP > 1); last stage
+final norm, the output layer's input T_sp*h*p and the fp32 softmax of the cross-entropy
+T*Vp/t*4 (+ labels and mask T*9).
+Every pipeline stage keeps each in-flight micro-batch's output T_sp*h*p until its backward
+(Megatron-Core keeps it unless ``deallocate_pipeline_outputs``). The unfused attention's causal
+mask (s^2 bools) is cached once per process.
+
+In flight (Megatron-Core's schedules, rank r of pp): interleaved, ``min(2(pp-r-1) +
+(v-1)*pp + 1, m*v)`` chunk forwards of L/(pp*v) layers; 1F1B, ``min(pp-r, m)`` micro-batches
+of L/pp layers; no pipeline, one. Full recomputation keeps only each layer's input T_sp*h*p
+and rebuilds one layer's activations during its backward.
+
+A transient working set is added on top: one layer's activations (the backward of the layer
+being processed allocates gradients of that size), and on the last stage the gradient of the
+logits (T*Vp/t*4).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from megatron_ext.plan.params import padded_vocab
+
+
+def _p(args) -> int:
+    return 2 if (args.bf16 or args.fp16) else 4
+
+
+def _dims(args):
+    s, b, t = args.seq_length, args.micro_batch_size, args.tensor_model_parallel_size
+    tokens = s * b
+    t_sp = tokens // t if args.sequence_parallel else tokens
+    d = args.hidden_size // args.num_attention_heads
+    return s, b, t, tokens, t_sp, d
+
+
+def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, float]:
+    """Bytes one transformer layer saves for backward, per micro-batch, by part."""
+    s, b, t, tokens, t_sp, d = _dims(args)
+    p, h, f = _p(args), args.hidden_size, args.ffn_hidden_size
+    e, k, ep = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size
+    q, kv = args.num_attention_heads * d, args.num_query_groups * d
+    heads = args.num_attention_heads // t
+    te = args.transformer_impl == "transformer_engine"
+    rows = tokens * k * imbalance
+    norm = (1 if te else 2) * t_sp * h * p + 4 * t_sp
+    terms = {
+        "attention norm": norm,
+        "linear_qkv input": t_sp * h * p,
+        "rope": 4 * s * d * 4,
+    }
+    if te:
+        terms["core attention (flash)"] = tokens * (2 * q + 2 * kv) // t * p + b * heads * s * 4
+    else:
+        softmax = b * heads * s * s * (4 + (p if p < 4 else 0))
+        terms["core attention (unfused)"] = 3 * tokens * q // t * p + softmax
+        terms["linear_proj input"] = tokens * q // t * p
+        if args.attention_dropout > 0:
+            terms["attention dropout mask"] = b * heads * s * s
+    if args.hidden_dropout > 0:
+        terms["hidden dropout masks"] = 2 * t_sp * h
+    terms["MoE norm"] = norm
+    terms["router"] = tokens * h * 4 + (3 if p < 4 else 2) * tokens * e * 4 + tokens * k * 12
+    terms["dispatch indices"] = 3 * tokens * k * 8 + (2 * rows * 8 if e // ep > 1 and ep > 1 else 0)
+    terms["expert activations"] = rows * (h + 4 * f // t) * p
+    terms["combine"] = tokens * k * h * p
+    return terms
+
+
+def layer_bytes(args: argparse.Namespace, imbalance: float = 1.0) -> float:
+    return sum(layer_terms(args, imbalance).values())
+
+
+def embedding_bytes(args: argparse.Namespace) -> float:
+    """Token ids (int64), and with TP > 1 the vocab-parallel embedding's input mask."""
+    _, _, t, tokens, _, _ = _dims(args)
+    return tokens * 8 + (tokens if t > 1 else 0)
+
+
+def head_bytes(args: argparse.Namespace) -> float:
+    """Final norm, output layer input and the fp32 cross-entropy softmax (last stage)."""
+    _, _, t, tokens, t_sp, _ = _dims(args)
+    p, h = _p(args), args.hidden_size
+    te = args.transformer_impl == "transformer_engine"
+    norm = (1 if te else 2) * t_sp * h * p + 4 * t_sp
+    return norm + t_sp * h * p + tokens * padded_vocab(args) // t * 4 + tokens * 9
+
+
+def in_flight(args: argparse.Namespace, pp_rank: int) -> int:
+    """Chunk forwards whose activations are alive at the peak on pipeline rank ``pp_rank``."""
+    pp, m = args.pipeline_model_parallel_size, args.num_microbatches
+    vpp = args.virtual_pipeline_model_parallel_size
+    if pp == 1:
+        return 1
+    if vpp:
+        warmup = 2 * (pp - pp_rank - 1) + (vpp - 1) * pp
+        return min(warmup + 1, m * vpp)
+    return min(pp - pp_rank, m)
+
+
+@dataclass
+class ActivationMemory:
+    stored: float  # saved for backward at the peak (all in-flight micro-batches)
+    transient: float  # working set of the backward on top
+    in_flight: int  # chunk forwards alive at the peak
+    per_layer: float  # one layer, one micro-batch, no recomputation
+    terms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.stored + self.transient
+
+
+def microbatch_bytes(args: argparse.Namespace, pp_rank: int, chunk: int | None = None) -> float:
+    """Bytes one micro-batch saves on this rank's chunks (all chunks, or chunk ``chunk``)."""
+    pp = args.pipeline_model_parallel_size
+    vpp = args.virtual_pipeline_model_parallel_size or 1
+    per_chunk = args.num_layers // (pp * vpp)
+    chunks = range(vpp) if chunk is None else [chunk]
+    total = 0.0
+    for c in chunks:
+        total += per_chunk * layer_bytes(args)
+        if pp_rank == 0 and c == 0:
+            total += embedding_bytes(args)
+        if pp_rank == pp - 1 and c == vpp - 1:
+            total += head_bytes(args)
+    return total
+
+
+def stage_activations(
+    args: argparse.Namespace, pp_rank: int, recompute: bool = False, imbalance: float = 1.0
+) -> ActivationMemory:
+    """Peak activation bytes on pipeline rank ``pp_rank`` (module docstring)."""
+    _, _, t, tokens, t_sp, _ = _dims(args)
+    pp, p, h = args.pipeline_model_parallel_size, _p(args), args.hidden_size
+    vpp = args.virtual_pipeline_model_parallel_size or 1
+    per_chunk = args.num_layers // (pp * vpp)
+    terms = layer_terms(args, imbalance)
+    per_layer = sum(terms.values())
+    n = in_flight(args, pp_rank)
+    kept = t_sp * h * p if recompute else per_layer
+    stored = n * per_chunk * kept
+    if pp > 1:
+        stored += n * t_sp * h * p  # pipeline outputs kept until their backward
+    if pp_rank == 0:
+        stored += min(n, args.num_microbatches) * embedding_bytes(args)
+    if args.transformer_impl != "transformer_engine":
+        stored += args.seq_length**2  # the unfused path's causal mask (bool), cached once
+    transient = per_layer * (2 if recompute else 1)
+    if pp_rank == pp - 1:
+        stored += head_bytes(args)  # the output chunk runs one micro-batch at a time
+        transient = max(transient, tokens * padded_vocab(args) // t * 4)
+    return ActivationMemory(stored, transient, n, per_layer, terms)
