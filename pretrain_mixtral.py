@@ -137,12 +137,20 @@ def evaluate(args, data_iterator, model) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------- the loop
+class History(list):
+    """Training loss per iteration; ``.validation`` holds (iteration, validation loss) pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.validation: list[tuple[int, float]] = []
+
+
 def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter):
     train_it = data_iterators(args, train_ds, state.consumed_samples, model)
     valid_it = data_iterators(args, valid_ds, 0, model)
     preemption = checkpointing.Preemption()
     start, tick = time.time(), time.time()
-    history, saved = [], state.iteration if args.load else None
+    history, saved = History(), state.iteration if args.load else None
     while state.iteration < args.train_iters:
         losses, ok, grad_norm = train_step(args, train_it, model, optimizer, scheduler)
         state.iteration += 1
@@ -163,6 +171,7 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
             if reporter.writer is not None:
                 reporter.writer.add_scalar("validation/lm_loss", val["lm loss"], state.iteration)
             state.last_validation = val["lm loss"]
+            history.validation.append((state.iteration, val["lm loss"]))
         if checkpointing.should_save(args, state):
             checkpointing.save(args, state, model, optimizer, scheduler)
             saved = state.iteration
@@ -188,7 +197,7 @@ def gather_moe_stats(model) -> dict:
     return {k: v for part in gathered for k, v in part.items()}
 
 
-def run(argv=None) -> list[float]:
+def run(argv=None) -> History:
     """Parse flags, set up, train; return the training loss of every iteration."""
     args = parse_args(argv)
     engine.initialize(args)
