@@ -139,7 +139,9 @@ def layer_spec(config: TransformerConfig, impl: str = "local") -> ModuleSpec:
         }
     else:
         raise ValueError(f"unknown transformer implementation {impl!r}")
-    spec.submodules.mlp = smoe_mlp_spec()
+    # The class itself rather than its ModuleSpec: TransformerLayer passes no extra kwargs to
+    # an MLP it does not know either way, but logs "Unknown MLP type" for every spec'd one.
+    spec.submodules.mlp = smoe_mlp_spec().module
     return spec
 
 
