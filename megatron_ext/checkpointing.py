@@ -11,14 +11,26 @@ leaves the previous checkpoint and the marker untouched; the next save removes t
 
 What is saved: the model (every tensor keyed by its *global* name, so TP, PP, VPP and EP can all
 change between save and load), the optimizer state in Megatron's ``fully_reshardable`` format
-(DP can change too), the LR scheduler, the iteration and consumed samples (the data order
-continues), the architecture (a mismatch is reported by field, before any tensor is read), and
-each rank's RNG states (restored when the layout is unchanged).
+(DP can change too; it loads into the same kind of optimizer, distributed or not), the LR
+scheduler, the iteration and consumed samples (the data order
+continues), the architecture (a mismatch is reported by field, before any tensor is read), a
+few hyper-parameters that do not change shapes (RoPE base, norm epsilon, ...: the HF converter
+reads them), and each rank's RNG states (restored when the layout is unchanged).
+
+A *weights-only* checkpoint (written by ``python -m megatron_ext.convert``: no optimizer,
+scheduler or iteration) loads like ``--finetune``.
+
+Test hook: ``MEGATRON_EXT_TEST_KILL_IN_SAVE=ITER:POINT`` SIGKILLs the process inside the save of
+iteration ``ITER`` at ``POINT`` (``start``: partial directory made, nothing written; ``written``:
+every rank has written, not yet renamed; ``renamed``: renamed, marker not yet updated). The
+crash-safety tests use it; it is never set in normal runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import os
 import random
 import shutil
@@ -31,8 +43,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 MARKER = "latest_checkpointed_iteration.txt"
+KILL_ENV = "MEGATRON_EXT_TEST_KILL_IN_SAVE"
 # Megatron-LM's current default: optimizer state reshardable over every parallel dimension.
 _METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 ARCH_FIELDS = (
@@ -48,6 +62,17 @@ ARCH_FIELDS = (
     "swiglu",
     "untie_embeddings_and_output_weights",
     "position_embedding_type",
+)
+# Saved for information and for the HF converter; they do not change tensor shapes.
+HPARAM_FIELDS = (
+    "rotary_base",
+    "norm_epsilon",
+    "max_position_embeddings",
+    "seq_length",
+    "window_size",
+    "make_vocab_size_divisible_by",
+    "init_method_std",
+    "moe_router_load_balancing_type",
 )
 
 
@@ -74,6 +99,7 @@ class Preemption:
         self.received = True
 
 
+# ------------------------------------------------------------------------------ files, marker
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -82,10 +108,16 @@ def read_marker(root: str) -> int | None:
     path = os.path.join(root, MARKER)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as f:
+        text = f.read().strip()
     if not text.isdigit():
         raise ValueError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
+
+
+def write_marker(root: str, iteration: int) -> None:
+    """Point ``root``'s marker at ``iteration`` atomically (write, fsync, rename, fsync dir)."""
+    _atomic_write(os.path.join(root, MARKER), f"{iteration}\n")
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -95,7 +127,7 @@ def _atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    _fsync_dir(os.path.dirname(path) or ".")
 
 
 def _fsync_dir(path: str) -> None:
@@ -106,6 +138,43 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def is_checkpoint_dir(path: str) -> bool:
+    """A complete dist_checkpointing directory (``metadata.json`` is written last)."""
+    return os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def resolve(root: str) -> tuple[str | None, int | None]:
+    """``(directory, iteration)`` of the checkpoint that ``--load root`` means, or Nones.
+
+    ``root`` is a ``--save`` directory (its marker names the iteration) or one checkpoint
+    directory itself. A marked directory that is missing but has a ``.replaced`` twin (a
+    re-save of the same iteration killed between two renames) resolves to the twin."""
+    if is_checkpoint_dir(root):
+        name = os.path.basename(os.path.normpath(root))
+        digits = name[len("iter_") :] if name.startswith("iter_") else ""
+        return root, int(digits) if digits.isdigit() else None
+    iteration = read_marker(root)
+    if iteration is None:
+        return None, None
+    path = iteration_dir(root, iteration)
+    if not os.path.exists(path) and os.path.exists(path + ".replaced"):
+        path += ".replaced"
+    if not is_checkpoint_dir(path):
+        raise FileNotFoundError(
+            f"{os.path.join(root, MARKER)} names iteration {iteration} but {path} is not a "
+            "complete checkpoint (was it deleted or moved?)"
+        )
+    return path, iteration
+
+
+def _maybe_kill(point: str, iteration: int) -> None:
+    """The crash-safety tests' hook (see the module docstring)."""
+    spec = os.environ.get(KILL_ENV)
+    if spec and spec == f"{iteration}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- what is saved
 def _layout() -> tuple[int, int, int, int]:
     ps = parallel_state
     return (
@@ -114,6 +183,11 @@ def _layout() -> tuple[int, int, int, int]:
         ps.get_data_parallel_world_size(),
         ps.get_expert_model_parallel_world_size(),
     )
+
+
+def _layout_text(layout) -> str:
+    pp, tp, dp, ep = layout
+    return f"PP{pp} x TP{tp} x DP{dp} x EP{ep}"
 
 
 def _rng_state() -> ShardedObject:
@@ -144,13 +218,55 @@ def _set_rng_state(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
 def _model_state(model) -> dict:
     return {
-        f"chunk{i}": chunk.module.sharded_state_dict(metadata=_METADATA)
-        if hasattr(chunk, "module")
-        else chunk.sharded_state_dict(metadata=_METADATA)
+        f"chunk{i}": _unwrap(chunk).sharded_state_dict(metadata=_METADATA)
         for i, chunk in enumerate(model)
     }
+
+
+def _optimizer_kind(args: argparse.Namespace) -> str:
+    return "distributed" if args.use_distributed_optimizer else "local"
+
+
+def arch_of(args: argparse.Namespace) -> dict:
+    return {f: getattr(args, f) for f in ARCH_FIELDS}
+
+
+def hparams_of(args: argparse.Namespace) -> dict:
+    return {f: getattr(args, f, None) for f in HPARAM_FIELDS}
+
+
+# ------------------------------------------------------------------------------------- save
+def _clear_debris(root: str, final: str, iteration: int) -> None:
+    """Rank 0: remove what killed saves left behind (before this save writes anything)."""
+    marked = read_marker(root)
+    for leftover in glob.glob(os.path.join(root, "iter_*.partial")):
+        shutil.rmtree(leftover)
+    for leftover in glob.glob(os.path.join(root, "iter_*.replaced")):
+        if not (marked is not None and leftover == iteration_dir(root, marked) + ".replaced"):
+            shutil.rmtree(leftover)
+    if os.path.exists(final) and marked != iteration:
+        shutil.rmtree(final)  # renamed but never marked: incomplete as far as loading goes
+
+
+def _publish(root: str, partial: str, final: str, iteration: int) -> None:
+    """Rank 0: rename the finished ``partial`` into place, then move the marker."""
+    replaced = final + ".replaced"
+    if os.path.exists(final):  # a re-save of the marked iteration: keep it until swapped
+        if os.path.exists(replaced):
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    _fsync_dir(root)
+    _maybe_kill("renamed", iteration)
+    write_marker(root, iteration)
+    if os.path.exists(replaced):
+        shutil.rmtree(replaced)
 
 
 def save(args: argparse.Namespace, state: TrainState, model, optimizer, scheduler) -> str:
@@ -160,11 +276,10 @@ def save(args: argparse.Namespace, state: TrainState, model, optimizer, schedule
     rank0 = dist.get_rank() == 0
     if rank0:
         os.makedirs(args.save, exist_ok=True)
-        for leftover in (partial, final):  # debris of a save killed before its marker
-            if os.path.exists(leftover) and read_marker(args.save) != state.iteration:
-                shutil.rmtree(leftover)
+        _clear_debris(args.save, final, state.iteration)
         os.makedirs(partial)
     dist.barrier()
+    _maybe_kill("start", state.iteration)
     model_sd = _model_state(model)
     sharded = {
         "model": model_sd,
@@ -172,80 +287,210 @@ def save(args: argparse.Namespace, state: TrainState, model, optimizer, schedule
         "rng_state": _rng_state(),
         "scheduler": scheduler.state_dict(),
         "train_state": asdict(state),
-        "arch": {f: getattr(args, f) for f in ARCH_FIELDS},
+        "arch": arch_of(args),
+        "hparams": hparams_of(args),
         "layout": _layout(),
+        "optimizer_kind": _optimizer_kind(args),
     }
     start = time.time()
     dist_checkpointing.save(sharded, partial, content_metadata=_METADATA)
     dist.barrier()
+    _maybe_kill("written", state.iteration)
     if rank0:
-        os.replace(partial, final)
-        _fsync_dir(args.save)
-        _atomic_write(os.path.join(args.save, MARKER), f"{state.iteration}\n")
+        _publish(args.save, partial, final, state.iteration)
         print(f"saved checkpoint {final} in {time.time() - start:.1f}s", flush=True)
     dist.barrier()
     return final
 
 
+# ------------------------------------------------------------------------------------- load
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def check_arch(common: dict, args: argparse.Namespace, path: str) -> None:
+    """Raise :class:`CheckpointMismatch` naming every architecture field that differs."""
     saved = common.get("arch", {})
-    diffs = [
-        f"{f}: checkpoint {saved[f]!r}, now {getattr(args, f)!r}"
-        for f in ARCH_FIELDS
-        if f in saved and saved[f] != getattr(args, f)
-    ]
-    if diffs:
+    fields = [f for f in ARCH_FIELDS if f in saved and saved[f] != getattr(args, f)]
+    if fields:
+        diffs = [f"{f}: checkpoint {saved[f]!r}, now {getattr(args, f)!r}" for f in fields]
         raise CheckpointMismatch(
-            f"{path} was saved for a different architecture ({len(diffs)} field(s) differ): "
+            f"{path} was saved for a different architecture ({len(fields)} field(s) differ): "
             + "; ".join(diffs)
+            + f". Set the flags to the checkpoint's values ({', '.join(map(_flag, fields))})."
         )
+
+
+def check_optimizer_kind(common: dict, args: argparse.Namespace, path: str) -> None:
+    """Megatron's two optimizers keep different non-tensor state: a checkpoint's optimizer
+    state loads into the same kind (at any layout) only."""
+    saved, now = common.get("optimizer_kind"), _optimizer_kind(args)
+    if saved is not None and saved != now:
+        flag = "with --use-distributed-optimizer" if saved == "distributed" else "without it"
+        raise CheckpointMismatch(
+            f"{path}: its optimizer state was saved by the {saved} optimizer, this run uses the "
+            f"{now} one. Run {flag} (any data-parallel size works), or pass --no-load-optim to "
+            "load everything but the Adam state."
+        )
+
+
+def _load_scheduler(scheduler, saved: dict, path: str) -> None:
+    try:
+        scheduler.load_state_dict(saved)
+    except AssertionError as e:  # Megatron's _check_and_set: a schedule flag changed
+        raise CheckpointMismatch(
+            f"{path}: the learning-rate schedule differs from the checkpoint's ({e}). Keep "
+            "--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, --train-iters and "
+            "--weight-decay as saved, pass --override-opt-param-scheduler (these flags win) or "
+            "--use-checkpoint-opt_param-scheduler (the checkpoint wins), or start a new "
+            "schedule with --finetune."
+        ) from None
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh PyTorch Adam its per-parameter state (zeros, step 0) before loading.
+
+    Megatron's distributed optimizer reads the inner optimizer's state to build the sharded
+    state dict it loads into; without Apex or Transformer Engine (CPU ranks) that inner optimizer
+    is ``torch.optim.Adam(W)``, whose state only exists after a first step. The values are
+    placeholders, all overwritten by the load."""
+    for sub in _torch_adams(optimizer):  # Apex / TE fused Adam: Megatron handles it
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(
+                        step=torch.zeros((), dtype=torch.float32),
+                        exp_avg=torch.zeros_like(p),
+                        exp_avg_sq=torch.zeros_like(p),
+                    )
+
+
+def _torch_adams(optimizer):
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(getattr(sub, "optimizer", None), torch.optim.Adam):
+            yield sub
+
+
+@contextlib.contextmanager
+def _torch_adam_step_fix(optimizer):
+    """Two gaps of Megatron-Core 0.16.1's distributed optimizer when its inner optimizer is
+    PyTorch's Adam (no Apex / TE, e.g. CPU ranks), loading ``fully_reshardable`` state:
+
+    1. it copies every per-parameter state entry from what it read, ``step`` included, but
+       leaves ``step`` out of what it reads (it restores the step from the param groups):
+       supply the current ``step`` as its own source (a no-op copy) during the load;
+    2. it gives every parameter the SAME ``step`` tensor, which Adam then increments once per
+       parameter per step (wrong bias correction): give each parameter its own copy after."""
+    patched = []
+    for sub in _torch_adams(optimizer):
+        original = getattr(sub, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def set_states(model_param, tensors, sub=sub, original=original):
+            group, order = sub.model_param_group_index_map[model_param]
+            main_param = sub.optimizer.param_groups[group]["params"][order]
+            step = sub.optimizer.state[main_param].get("step")
+            if step is not None and "step" not in tensors:
+                tensors = {**tensors, "step": step}
+            return original(model_param, tensors)
+
+        sub._set_main_param_and_optimizer_states = set_states
+        patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub._set_main_param_and_optimizer_states
+    for sub in _torch_adams(optimizer):
+        for state in sub.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _may_be_missing(key: str, weights_only: bool) -> bool:
+    """State a checkpoint may lack; the model keeps its own value: ``_extra_state`` (checkpoints
+    converted from HF have none) and, in weights-only checkpoints, the aux-loss-free router's
+    ``expert_bias`` (starts at 0)."""
+    return key.endswith("_extra_state") or (weights_only and key.endswith("expert_bias"))
+
+
+def _check_unexpected(unexpected, path: str, weights_only: bool) -> None:
+    """Keys the model asks for that the checkpoint lacks: an error unless they may be missing."""
+    missing = sorted(k for k in unexpected if not _may_be_missing(k, weights_only))
+    if missing:
+        more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise CheckpointMismatch(f"{path} has no tensors for: {', '.join(missing[:8])}{more}")
 
 
 def load(args: argparse.Namespace, model, optimizer, scheduler) -> TrainState:
     """Restore from ``--load`` (latest marked iteration); a fresh state if there is none."""
     if not args.load:
         return TrainState()
-    iteration = read_marker(args.load)
-    if iteration is None:
+    path, _ = resolve(args.load)
+    if path is None:
         if dist.get_rank() == 0:
             print(
                 f"no checkpoint in {args.load} ({MARKER} missing): starting from scratch",
                 flush=True,
             )
         return TrainState()
-    path = iteration_dir(args.load, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
     check_arch(common, args, path)
-    finetune = args.finetune
+    weights_only = "train_state" not in common  # converted checkpoints
+    finetune = args.finetune or weights_only
     load_optim = not (args.no_load_optim or finetune)
-    same_layout = tuple(common.get("layout", ())) == _layout()
+    saved_layout = tuple(common.get("layout", ()))
+    same_layout = saved_layout == _layout()
     load_rng = not (args.no_load_rng or finetune) and same_layout
+    if load_optim:
+        check_optimizer_kind(common, args, path)
     model_sd = _model_state(model)
     sharded = {"model": model_sd}
     if load_optim:
+        _ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=_METADATA
         )
     if load_rng:
         sharded["rng_state"] = _rng_state()
-    loaded = dist_checkpointing.load(sharded, path)
+    loaded, _, unexpected = dist_checkpointing.load(
+        sharded, path, strict=StrictHandling.RETURN_UNEXPECTED
+    )
+    _check_unexpected(unexpected, path, weights_only)
     for i, chunk in enumerate(model):
-        target = chunk.module if hasattr(chunk, "module") else chunk
-        target.load_state_dict(loaded["model"][f"chunk{i}"])
+        target = _unwrap(chunk)
+        weights = loaded["model"][f"chunk{i}"]
+        for key, value in target.state_dict().items():
+            if key not in weights and _may_be_missing(key, weights_only):
+                weights[key] = value
+        target.load_state_dict(weights)
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _torch_adam_step_fix(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
+    else:  # main (fp32) params must follow the loaded weights, as Megatron-LM does
+        optimizer.reload_model_params()
     if load_rng:
         _set_rng_state(loaded["rng_state"])
     if dist.get_rank() == 0:
         skipped = [n for n, on in (("optimizer", load_optim), ("rng", load_rng)) if not on]
         note = f" (not restored: {', '.join(skipped)})" if skipped else ""
+        if weights_only:
+            note = " (weights only)"
+        elif not same_layout and not (args.no_load_rng or finetune):
+            note += (
+                f"; resharded from {_layout_text(saved_layout)} to {_layout_text(_layout())},"
+                " RNG states restart from --seed"
+            )
         print(f"loaded checkpoint {path}{note}", flush=True)
     if finetune:
         return TrainState()
-    scheduler.load_state_dict(common["scheduler"])
+    _load_scheduler(scheduler, common["scheduler"], path)
     return TrainState(**common["train_state"])
 
 
+# --------------------------------------------------------------------------- when to save/exit
 def should_save(args: argparse.Namespace, state: TrainState) -> bool:
     return bool(args.save and args.save_interval and state.iteration % args.save_interval == 0)
 

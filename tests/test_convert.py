@@ -1,0 +1,256 @@
+"""``python -m megatron_ext.convert``: HF Mixtral <-> our checkpoints, and sparse upcycling.
+
+Tiny random HF models are built and saved locally (nothing is downloaded). The converted
+checkpoint loaded into our model (one rank, and TP2 x EP2 on four CPU ranks) gives the HF
+model's logits (fp32, max abs diff <= 1e-5) and loss; converting back gives the original
+tensors bit for bit, also from a checkpoint re-saved by training at TP2 x EP2 with a padded
+vocabulary; memory stays bounded by a shard; an upcycled dense model computes the dense
+model's logits.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from ckpt_helpers import forward, read_safetensors, reshard_hf, shard_sizes, train
+from megatron.core import dist_checkpointing
+
+from megatron_ext import checkpointing
+from megatron_ext.convert import core, upcycle
+from megatron_ext.convert.__main__ import main as convert_main
+from megatron_ext.convert.stream import MemoryMeter
+from megatron_ext.multirank import run_on_ranks
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+TINY = dict(  # the `tiny` preset's architecture
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    vocab_size=1024,
+    initializer_range=0.1,
+)
+MIXTRAL = dict(TINY, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)
+
+
+def _save_hf(model, directory: str, shard: str) -> str:
+    model.save_pretrained(directory, max_shard_size=shard)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_mixtral(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**MIXTRAL)).eval()
+    directory = _save_hf(model, str(tmp_path_factory.mktemp("hf_mixtral")), "60KB")
+    assert len(shard_sizes(directory)) > 5  # really sharded
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def converted(hf_mixtral, tmp_path_factory):
+    """hf-to-mcore through the real command line (a subprocess)."""
+    out = str(tmp_path_factory.mktemp("mcore"))
+    cmd = [sys.executable, "-m", "megatron_ext.convert", "hf-to-mcore"]
+    cmd += ["--input", hf_mixtral[0], "--output", out, "--target-expert-parallel-size", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--load" in done.stdout and "--num-experts 4" in done.stdout
+    return out
+
+
+def _batch(vocab: int):
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab, (2, 24), generator=gen)
+    return tokens, torch.roll(tokens, -1, dims=1)  # labels: the next token
+
+
+def _argv(load: str, flags: str, extra: str = "") -> list[str]:
+    base = "--cpu --mock-data --vocab-size 1024 --seq-length 24 --train-iters 1"
+    base += " --micro-batch-size 1 --global-batch-size 4 --attention-dropout 0 --hidden-dropout 0"
+    return f"{base} --load {load} --finetune {flags} {extra}".split()
+
+
+def _check_matches(hf_model, load: str, flags: str, world: int, extra: str = "") -> None:
+    tokens, labels = _batch(hf_model.config.vocab_size)
+    with torch.no_grad():
+        ref = hf_model(tokens, labels=tokens)  # HF shifts the labels itself
+    ours = run_on_ranks(forward, world, args=(_argv(load, flags, extra), tokens, labels))[0]
+    assert ours["logits"].shape == ref.logits.shape
+    assert (ours["logits"] - ref.logits).abs().max().item() <= ATOL
+    loss = ours["losses"][:, :-1].mean().item()  # the last position has no next token
+    assert abs(loss - ref.loss.item()) <= ATOL
+
+
+def _flags(directory: str) -> str:
+    from megatron_ext.convert.hf import read_config
+
+    return read_config(directory)[1].flags()
+
+
+@pytest.mark.parametrize(
+    "world,layout",
+    [(1, ""), (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2")],
+    ids=["one_rank", "TP2xEP2"],
+)
+def test_hf_to_mcore_logits_and_loss_match(hf_mixtral, converted, world, layout):
+    _check_matches(hf_mixtral[1], converted, _flags(hf_mixtral[0]), world, layout)
+
+
+def test_round_trip_gives_the_original_tensors(hf_mixtral, converted, tmp_path):
+    out = str(tmp_path / "hf")
+    assert convert_main(["mcore-to-hf", "--input", converted, "--output", out]) == 0
+    original, back = read_safetensors(hf_mixtral[0]), read_safetensors(out)
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+    tokens, _ = _batch(1024)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, hf_mixtral[1](tokens).logits)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "--tensor-model-parallel-size 2 --expert-model-parallel-size 2",
+        "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2",
+    ],
+    ids=["TP2xEP2", "PP2xEP2"],
+)
+def test_round_trip_through_training_with_padded_vocab(hf_mixtral, converted, layout, tmp_path):
+    """Load on four ranks with the vocabulary padded to 2000 rows, one step at lr 0 (weights
+    unchanged), save with the optimizer; mcore-to-hf of that gives the originals back."""
+    save = str(tmp_path / "trained")
+    extra = f"{layout} --lr 0 --min-lr 0 --make-vocab-size-divisible-by 1000 --save {save}"
+    run_on_ranks(train, 4, args=(_argv(converted, _flags(hf_mixtral[0]), extra),), timeout=600)
+    stored = core.stored_tensors(checkpointing.iteration_dir(save, 1))
+    assert stored["embedding.word_embeddings.weight"].global_shape == (2000, 64)
+    out = str(tmp_path / "hf")
+    core.mcore_to_hf(save, out, max_shard_bytes=200_000)
+    original, back = read_safetensors(hf_mixtral[0]), read_safetensors(out)
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_bf16_finetune_starts_from_the_loaded_weights(hf_mixtral, converted, tmp_path):
+    """With bf16 the optimizer keeps fp32 main params made at start-up: loading weights
+    without optimizer state must refresh them (else the first step reverts to the random init).
+    One step at lr 0, saved: the weights are the originals rounded to bf16."""
+    save = str(tmp_path / "bf16")
+    extra = f"--bf16 --lr 0 --min-lr 0 --save {save}"
+    run_on_ranks(train, 1, args=(_argv(converted, _flags(hf_mixtral[0]), extra),), timeout=600)
+    out = str(tmp_path / "hf")
+    core.mcore_to_hf(save, out)
+    original, back = read_safetensors(hf_mixtral[0]), read_safetensors(out)
+    for name, tensor in original.items():
+        assert back[name].dtype == torch.bfloat16
+        assert torch.equal(back[name], tensor.to(torch.bfloat16)), name
+
+
+# ------------------------------------------------------------------------------ memory
+@pytest.fixture(scope="module")
+def wide_hf(tmp_path_factory):
+    """Experts dominate (2 layers x 8 experts of FFN 256, 64 KiB per expert matrix; a
+    vocabulary of 256): ~3.3 MB in ~17 shards of at most 200 KB."""
+    torch.manual_seed(2)
+    cfg = dict(MIXTRAL, intermediate_size=256, num_local_experts=8, vocab_size=256)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
+    saved = _save_hf(model, str(tmp_path_factory.mktemp("wide_saved")), "1MB")
+    out = str(tmp_path_factory.mktemp("wide"))
+    reshard_hf(saved, out, 200_000)
+    return out
+
+
+def test_memory_is_bounded_by_a_shard_not_the_model(wide_hf, tmp_path):
+    total, largest = sum(shard_sizes(wide_hf)), max(shard_sizes(wide_hf))
+    assert total > 15 * largest
+    meter = MemoryMeter()
+    core.hf_to_mcore(wide_hf, str(tmp_path / "mcore"), meter=meter)
+    assert 0.5 * largest <= meter.peak_tensor_bytes <= 2 * largest, meter.report()
+
+    meter = MemoryMeter()
+    limit = 200_000
+    core.mcore_to_hf(str(tmp_path / "mcore"), str(tmp_path / "hf"), limit, meter=meter)
+    assert 0.5 * limit <= meter.peak_tensor_bytes <= 2.5 * limit, meter.report()
+    assert meter.peak_tensor_bytes < total / 6
+    assert max(shard_sizes(str(tmp_path / "hf"))) <= limit + 1000
+    assert read_safetensors(str(tmp_path / "hf")).keys() == read_safetensors(wide_hf).keys()
+
+
+def test_memory_meter_sees_what_is_held():
+    meter = MemoryMeter()
+    held = torch.ones(1_000_000)  # noqa: F841  (kept alive on purpose)
+    meter.sample()
+    assert meter.peak_tensor_bytes >= 4_000_000
+
+
+# ----------------------------------------------------------------------------- upcycling
+@pytest.mark.parametrize(
+    "kind,world,layout",
+    [("Mistral", 1, ""), ("Llama", 2, "--expert-model-parallel-size 2")],
+)
+def test_upcycled_model_computes_the_dense_model(kind, world, layout, tmp_path):
+    torch.manual_seed(3)
+    config = getattr(transformers, f"{kind}Config")(**TINY, rope_theta=1e4)
+    dense = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+    src = _save_hf(dense, str(tmp_path / "dense"), "60KB")
+    out = str(tmp_path / "moe")
+    if kind == "Mistral":  # through the command line
+        cli = ["upcycle", "--input", src, "--output", out, "--num-experts", "4", "--seed", "5"]
+        assert convert_main([*cli, "--moe-router-topk", "2"]) == 0
+        path = checkpointing.iteration_dir(out, 0)
+        arch = core.arch_from_checkpoint(dist_checkpointing.load_common_state_dict(path))
+    else:
+        arch = upcycle.upcycle(src, out, num_experts=4, topk=2, seed=5)
+    assert (arch.num_experts, arch.moe_router_topk, arch.rotary_base) == (4, 2, 1e4)
+    _check_matches(dense, out, arch.flags(), world, layout)
+
+    hf_out = str(tmp_path / "hf")
+    core.mcore_to_hf(out, hf_out)
+    moe, dense_sd = read_safetensors(hf_out), read_safetensors(src)
+    for n in range(2):
+        p = f"model.layers.{n}."
+        for e in range(4):
+            for w, d in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+                got = moe[f"{p}block_sparse_moe.experts.{e}.{w}.weight"]
+                assert torch.equal(got, dense_sd[f"{p}mlp.{d}_proj.weight"])
+        gate = moe[f"{p}block_sparse_moe.gate.weight"]
+        assert gate.shape == (4, 64) and 0.015 < gate.std().item() < 0.025
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_errors_are_reported_not_raised(hf_mixtral, tmp_path, capsys):
+    dense = str(tmp_path / "dense")
+    torch.manual_seed(4)
+    _save_hf(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)), dense, "1MB")
+    assert convert_main(["hf-to-mcore", "--input", dense, "--output", str(tmp_path / "x")]) == 2
+    assert "use `upcycle`" in capsys.readouterr().err
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(hf_mixtral[0], broken)
+    index = read_safetensors(broken)
+    os.remove(os.path.join(broken, "model.safetensors.index.json"))
+    del index["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    from safetensors.torch import save_file
+
+    for name in os.listdir(broken):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(broken, name))
+    save_file(index, os.path.join(broken, "model.safetensors"))
+    out = str(tmp_path / "y")
+    assert convert_main(["hf-to-mcore", "--input", broken, "--output", out]) == 2
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in capsys.readouterr().err
+    assert checkpointing.read_marker(out) is None  # nothing published
+
+    args = ["hf-to-mcore", "--input", hf_mixtral[0], "--output", out]
+    assert convert_main([*args, "--target-expert-parallel-size", "3"]) == 2
+    assert "EP 3 must divide the 4 experts" in capsys.readouterr().err
