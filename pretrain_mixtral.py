@@ -145,11 +145,10 @@ class History(list):
         self.validation: list[tuple[int, float]] = []
 
 
-def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter):
+def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter, preemption):
     train_it = data_iterators(args, train_ds, state.consumed_samples, model)
     valid_it = data_iterators(args, valid_ds, 0, model)
-    preemption = checkpointing.Preemption()
-    start, tick = time.time(), time.time()
+    tick = time.time()
     history, saved = History(), state.iteration if args.load else None
     while state.iteration < args.train_iters:
         losses, ok, grad_norm = train_step(args, train_it, model, optimizer, scheduler)
@@ -175,7 +174,7 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
         if checkpointing.should_save(args, state):
             checkpointing.save(args, state, model, optimizer, scheduler)
             saved = state.iteration
-        reason = checkpointing.should_exit(args, state, start, preemption)
+        reason = checkpointing.should_exit(args, state, args.start_time, preemption)
         if reason:
             print_rank_last(f"stopping after iteration {state.iteration}: {reason}")
             break
@@ -200,6 +199,8 @@ def gather_moe_stats(model) -> dict:
 def run(argv=None) -> History:
     """Parse flags, set up, train; return the training loss of every iteration."""
     args = parse_args(argv)
+    args.start_time = time.time()  # --exit-duration-in-mins counts from here, as in Megatron-LM
+    preemption = checkpointing.Preemption()  # from the start: a SIGTERM during setup counts too
     engine.initialize(args)
     tokenizer = data.build_tokenizer(args)
     args.vocab_size = tokenizer.vocab_size
@@ -216,7 +217,9 @@ def run(argv=None) -> History:
 
         writer = SummaryWriter(log_dir=args.tensorboard_dir)
     reporter = Reporter(args, writer)
-    history = train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter)
+    history = train(
+        args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter, preemption
+    )
     if writer is not None:
         writer.close()
     parallel_state.destroy_model_parallel()

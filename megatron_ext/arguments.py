@@ -123,6 +123,17 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="on --load, take the schedule from these flags, not the checkpoint",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+        dest="use_checkpoint_opt_param_scheduler",
+        help="on --load, take the schedule from the checkpoint, ignoring these flags",
+    )
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:

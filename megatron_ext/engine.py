@@ -107,6 +107,8 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
     # The pipeline schedules take these from the config.
     config.grad_scale_func = optimizer.scale_loss

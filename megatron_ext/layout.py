@@ -136,6 +136,10 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             "--recompute-granularity full needs --recompute-method (uniform|block) and "
             "--recompute-num-layers",
         )
+    _require(
+        not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+        "--override-opt-param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive",
+    )
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.transformer_impl is None:
