@@ -1,0 +1,274 @@
+"""JSONL input: opening (plain, ``.gz``, ``-`` for stdin), validation, batching.
+
+Lines are split at ``\\n`` (a ``\\r\\n`` ending is fine: JSON ignores the ``\\r``). Line numbers
+are 1-based and count every physical line of the (decompressed) input. A UTF-8 byte-order mark
+at the start of the input is ignored.
+
+A line is *skipped*, and counted under its reason, when it
+
+=================  ==========================================================================
+``invalid_utf8``   is not valid UTF-8
+``blank_line``     is empty or only whitespace
+``not_json``       is not one JSON value
+``not_object``     is JSON but not an object
+``missing_key``    lacks one of ``--json-keys``
+``not_string``     holds a value that is neither a string nor a list of strings under a key
+``invalid_text``   holds a string with a lone surrogate (``"\\ud800"``), which has no UTF-8 form
+=================  ==========================================================================
+
+A list of strings is taken, as Megatron-LM does, as a document already split into sentences:
+each sentence becomes one sequence of the document.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import sys
+import zlib
+from dataclasses import dataclass, field
+
+REASONS = (
+    "invalid_utf8",
+    "blank_line",
+    "not_json",
+    "not_object",
+    "missing_key",
+    "not_string",
+    "invalid_text",
+)
+FIRST_LINES_KEPT = 5  # line numbers remembered per skip reason
+BLOCK = 4 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
+class BadLine(Exception):
+    """A skipped line under ``--strict``: names the file, the line and the reason."""
+
+    def __init__(self, path: str, line: int, reason: str, detail: str = ""):
+        self.path, self.line, self.reason = path, line, reason
+        where = "<stdin>" if path == "-" else path
+        super().__init__(f"{where}:{line}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class InputSource:
+    """Binary reader over a JSONL file, a ``.gz`` file or stdin.
+
+    ``offset`` counts decompressed bytes returned so far; ``position()`` is the raw (possibly
+    compressed) position used for progress, and ``total`` the raw size when known.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.offset = 0
+        if path == "-":
+            self.raw = sys.stdin.buffer
+            self.stream = self.raw
+            self.total = None
+            self.seekable = False
+            return
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--input: no such file: {path}")
+        self.raw = open(path, "rb")
+        with open(path, "rb") as probe:
+            gz = probe.read(2) == b"\x1f\x8b"
+        self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb") if gz else self.raw
+        self.total = os.path.getsize(path)
+        self.seekable = True
+
+    def position(self) -> int:
+        return self.raw.tell() if self.seekable else self.offset
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        self.offset += len(data)
+        return data
+
+    def skip_to(self, offset: int) -> int:
+        """Move to decompressed ``offset``; returns crc32 of the bytes skipped (stdin only)."""
+        if self.seekable:
+            self.stream.seek(offset)
+            self.offset = offset
+            return -1
+        crc = 0
+        while self.offset < offset:
+            data = self.read(min(BLOCK, offset - self.offset))
+            if not data:
+                raise ValueError(f"stdin ended at byte {self.offset}, before the checkpoint")
+            crc = zlib.crc32(data, crc)
+        return crc
+
+    def close(self) -> None:
+        if self.path != "-":
+            self.stream.close()
+            self.raw.close()
+
+
+@dataclass
+class Batch:
+    """Valid documents of consecutive lines, and what was skipped among those lines.
+
+    ``values[k]`` holds, per kept line, the value under ``keys[k]`` (a string or a list of
+    strings). ``end_offset``/``end_line``/``crc`` describe the input right after the batch:
+    decompressed bytes consumed, last line number, crc32 of every byte consumed so far.
+    """
+
+    values: list[list] = field(default_factory=list)
+    n_docs: int = 0
+    n_chars: int = 0
+    end_offset: int = 0
+    end_line: int = 0
+    crc: int = 0
+    position: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> [count, [first line numbers]]
+
+
+_MISSING = object()
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_decode_json = json.JSONDecoder().decode  # json.loads with its defaults, minus a call layer
+
+
+def _has_lone_surrogate(value) -> bool:
+    values = [value] if isinstance(value, str) else value
+    for v in values:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+    return False
+
+
+def check_line(raw: bytes, keys: list[str]) -> tuple[str | None, list, str]:
+    """Validate one line: (reason or None, values per key, detail for error messages)."""
+    if not raw or raw.isspace():
+        return "blank_line", [], ""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return "invalid_utf8", [], f"byte {e.start}"
+    try:
+        obj = _decode_json(text)
+    except (ValueError, RecursionError) as e:
+        return "not_json", [], str(e)[:80]
+    if type(obj) is not dict:
+        return "not_object", [], type(obj).__name__
+    values = []
+    for key in keys:
+        value = obj.get(key, _MISSING)
+        if value is _MISSING:
+            return "missing_key", [], f"no key {key!r}"
+        if type(value) is not str and not (
+            type(value) is list and all(type(v) is str for v in value)
+        ):
+            return "not_string", [], f"{key!r} holds {type(value).__name__}"
+        values.append(value)
+    # json only produces lone surrogates from \\ud800..\\udfff escapes: test those lines only
+    if _SURROGATE_ESCAPE.search(raw):
+        for key, value in zip(keys, values, strict=True):
+            if _has_lone_surrogate(value):
+                return "invalid_text", [], f"{key!r} holds a lone surrogate"
+    return None, values, ""
+
+
+def read_batches(
+    source: InputSource,
+    keys: list[str],
+    batch_chars: int,
+    start_line: int = 0,
+    start_crc: int = 0,
+    strict: bool = False,
+    max_docs: int = 8192,
+):
+    """Yield ``Batch`` objects of about ``batch_chars`` characters of text.
+
+    Starts at the source's current offset (line ``start_line`` done, crc ``start_crc`` so
+    far). With ``strict`` the first bad line raises ``BadLine``.
+    """
+    line_no = start_line
+    crc = start_crc
+    offset = source.offset
+    parts: list[bytes] = []
+    batch = Batch(values=[[] for _ in keys])
+    first = source.offset == 0
+    single = keys[0] if len(keys) == 1 else None
+
+    def finish(batch: Batch) -> Batch:
+        batch.end_offset, batch.end_line, batch.crc = offset, line_no, crc
+        batch.position = source.position()
+        return batch
+
+    def handle(raw: bytes) -> None:
+        nonlocal batch
+        reason, values, detail = check_line(raw, keys)
+        if reason is not None:
+            if strict:
+                raise BadLine(source.path, line_no, reason, detail)
+            entry = batch.skipped.setdefault(reason, [0, []])
+            entry[0] += 1
+            if len(entry[1]) < FIRST_LINES_KEPT:
+                entry[1].append(line_no)
+            return
+        for column, value in zip(batch.values, values, strict=True):
+            column.append(value)
+            batch.n_chars += len(value) if type(value) is str else sum(map(len, value))
+        batch.n_docs += 1
+
+    while True:
+        block = source.read(BLOCK)
+        if not block:
+            if parts:
+                raw = b"".join(parts)
+                parts = []
+                line_no += 1
+                crc = zlib.crc32(raw, crc)
+                offset += len(raw)
+                handle(raw)
+            yield finish(batch)
+            return
+        if first:
+            first = False
+            if block.startswith(_BOM):
+                crc = zlib.crc32(_BOM, crc)
+                offset += len(_BOM)
+                block = block[len(_BOM) :]
+        if b"\n" not in block:
+            parts.append(block)
+            continue
+        if parts:
+            parts.append(block)
+            block = b"".join(parts)
+            parts = []
+        lines = block.split(b"\n")
+        tail = lines.pop()
+        done = 0  # bytes of ``block`` accounted in crc/offset
+        pos = 0
+        for raw in lines:
+            line_no += 1
+            pos += len(raw) + 1
+            # fast path, one key holding a string: check_line's verdict in fewer steps
+            try:
+                obj = _decode_json(raw.decode("utf-8")) if single is not None else None
+            except (ValueError, RecursionError):
+                obj = None
+            if (
+                type(obj) is dict
+                and type(value := obj.get(single)) is str
+                and not _SURROGATE_ESCAPE.search(raw)
+            ):
+                batch.values[0].append(value)
+                batch.n_chars += len(value)
+                batch.n_docs += 1
+            else:
+                handle(raw)
+            if batch.n_chars >= batch_chars or batch.n_docs >= max_docs:
+                crc = zlib.crc32(memoryview(block)[done:pos], crc)
+                offset += pos - done
+                done = pos
+                yield finish(batch)
+                batch = Batch(values=[[] for _ in keys])
+        crc = zlib.crc32(memoryview(block)[done:pos], crc)
+        offset += pos - done
+        if tail:
+            parts.append(tail)
