@@ -100,8 +100,10 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=args.cpu,
-        # pipeline: as Megatron-LM sets them
-        deallocate_pipeline_outputs=True,
+        # pipeline: as Megatron-LM sets them. Not deallocating on CPU: it swaps a sent
+        # tensor's .data, which NCCL has already read on its stream but gloo's asynchronous
+        # send may still read later (NaN gradients in a PP4 x VPP8 rehearsal).
+        deallocate_pipeline_outputs=not args.cpu,
         overlap_p2p_comm=bool(args.virtual_pipeline_model_parallel_size),
         batch_p2p_comm=not args.virtual_pipeline_model_parallel_size,
         # activation recomputation

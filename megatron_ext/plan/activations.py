@@ -30,7 +30,8 @@ Plus, once per micro-batch: first stage token ids T*8 (+ a T-byte mask with TP >
 final norm, the output layer's input T_sp*h*p and the fp32 softmax of the cross-entropy
 T*Vp/t*4 (+ labels and mask T*9).
 Every pipeline stage keeps each in-flight micro-batch's output T_sp*h*p until its backward
-(Megatron-Core keeps it unless ``deallocate_pipeline_outputs``). The unfused attention's causal
+(so does Megatron-Core with ``--cpu``; on GPUs builder.py sets ``deallocate_pipeline_outputs``
+and that term is a small over-estimate). The unfused attention's causal
 mask (s^2 bools) is cached once per process.
 
 In flight (Megatron-Core's schedules, rank r of pp): interleaved, ``min(2(pp-r-1) +
