@@ -1,0 +1,302 @@
+"""Forward+backward throughput of our SMoE layer against its peers, on the same shapes.
+
+Contenders (one process, one rank, same T tokens of hidden H, E experts of FFN size F, top-K):
+
+* ``ours``: ``megatron_ext.moe.SMoELayer``;
+* ``hf-mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default "eager" experts);
+  ``hf-mixtral-grouped_mm``: the same with ``experts_implementation="grouped_mm"``;
+* ``deepspeed``: ``deepspeed.moe.layer.MoE`` with SwiGLU experts, top-K, capacity factor 1.0,
+  ``drop_tokens=False`` (dropless: capacity = the busiest expert's load), no 2nd-expert sampling;
+  ``deepspeed-drop`` is the same with ``drop_tokens=True`` (drops tokens: less work);
+* ``megatron-core``: Megatron-Core's ``MoELayer`` (local spec: SequentialMLP experts, its
+  default allgather dispatcher) under ``megatron_ext.cpu_mode`` (that mode's TorchFunctionMode
+  adds a little Python per op, charged to this row only);
+* ``ceiling``: the same FLOPs as a dense SwiGLU MLP on T*K rows (x W13ᵀ, silu*mul, W2ᵀ;
+  autograd): what an MoE with zero routing cost would take. ``gemm-chain``: only the six GEMMs
+  of that MLP's forward and backward, no elementwise work at all (a lower bound on time).
+
+Each iteration runs every contender once, in rotating order (so load from other processes
+hits all of them alike). The table gives wall-clock time (best and median over the
+iterations; tokens/s = T / best) and the median process CPU time (all threads), each also as
+a ratio to ours (> 1: faster than ours). On a quiet machine the wall figures are the answer;
+on a shared one other processes inflate wall time at random, while CPU time (run with
+``OMP_WAIT_POLICY=PASSIVE`` so that waiting threads sleep instead of spinning) stays within a
+few percent. Routing is whatever the random init gives (near balanced).
+
+    OMP_WAIT_POLICY=PASSIVE python bench/moe_layer.py --tokens 4096 --hidden 512 --ffn 1792 \\
+        --experts 8 --topk 2 --iters 10 --dtype fp32 --device cpu --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _config(a, **kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=1, hidden_size=a.hidden, ffn_hidden_size=a.ffn, num_attention_heads=8,
+        num_moe_experts=a.experts, moe_router_topk=a.topk, add_bias_linear=False,
+        gated_linear_unit=True, activation_func=F.silu, params_dtype=DTYPES[a.dtype],
+        use_cpu_initialization=a.device == "cpu", moe_router_pre_softmax=a.topk == 1,
+        bf16=a.dtype == "bf16", **kw,
+    )  # fmt: skip
+
+
+def ours(a):
+    from megatron_ext.moe import SMoELayer
+
+    layer = SMoELayer(_config(a)).to(a.device)
+    return layer, lambda x: layer(x.view(-1, 1, a.hidden))[0]
+
+
+def _hf_mixtral(a, experts_implementation=None):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(
+        hidden_size=a.hidden, intermediate_size=a.ffn, num_local_experts=a.experts,
+        num_experts_per_tok=a.topk, experts_implementation=experts_implementation,
+    )  # fmt: skip
+    block = MixtralSparseMoeBlock(cfg).to(a.device, DTYPES[a.dtype])
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return block, lambda x: block(x.view(1, -1, a.hidden))
+
+
+def hf_mixtral(a):
+    return _hf_mixtral(a)
+
+
+def hf_mixtral_grouped(a):
+    return _hf_mixtral(a, "grouped_mm")
+
+
+class _SwiGLU(torch.nn.Module):
+    def __init__(self, h, f):
+        super().__init__()
+        self.w13 = torch.nn.Linear(h, 2 * f, bias=False)
+        self.w2 = torch.nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        g, u = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(g) * u)
+
+
+def _deepspeed(a, drop_tokens):
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+
+    deepspeed.init_distributed(dist_backend="gloo" if a.device == "cpu" else "nccl")
+    moe = MoE(
+        a.hidden, _SwiGLU(a.hidden, a.ffn), num_experts=a.experts, ep_size=1, k=a.topk,
+        capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4,
+        drop_tokens=drop_tokens, use_rts=False, top2_2nd_expert_sampling=False,
+    )  # fmt: skip
+    moe.set_deepspeed_parallelism()
+    moe = moe.to(a.device, DTYPES[a.dtype])
+    return moe, lambda x: moe(x.view(-1, a.hidden))[0]
+
+
+def deepspeed_dropless(a):
+    return _deepspeed(a, drop_tokens=False)
+
+
+def deepspeed_drop(a):
+    return _deepspeed(a, drop_tokens=True)
+
+
+def megatron_core(a):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_ext import cpu_mode
+
+    # Megatron-Core 0.16.1's router gate reads `te_general_gemm`, which is left undefined when
+    # Transformer Engine is absent (NameError); None is what it means to test for.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    on_cpu = a.device == "cpu"
+    if on_cpu:
+        cpu_mode.enable()
+    spec = get_gpt_layer_local_spec(num_experts=a.experts, moe_grouped_gemm=False)
+    layer = build_module(
+        spec.submodules.mlp, config=_config(a, moe_token_dispatcher_type="allgather"),
+        pg_collection=_pg_collection(),
+    )  # fmt: skip
+    if on_cpu:
+        cpu_mode.disable()
+
+    def run(x):
+        if on_cpu:
+            cpu_mode.enable()
+        try:
+            return layer(x.view(-1, 1, a.hidden))[0]
+        finally:
+            if on_cpu:
+                cpu_mode.disable()
+
+    return layer, run
+
+
+def _pg_collection():
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    pg = get_default_pg_collection()
+    from megatron.core import parallel_state as ps
+
+    pg.dp = ps.get_data_parallel_group()
+    pg.dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+    return pg
+
+
+def ceiling(a):
+    """A dense SwiGLU MLP on T*K rows (its own input: no replication cost), autograd."""
+    n, dt = a.tokens * a.topk, DTYPES[a.dtype]
+    mlp = _SwiGLU(a.hidden, a.ffn).to(a.device, dt)
+    x = torch.randn(n, a.hidden, device=a.device, dtype=dt, requires_grad=True)
+    dy = torch.randn(n, a.hidden, device=a.device, dtype=dt)
+
+    def run(_x):
+        x.grad = None
+        mlp(x).backward(dy)
+
+    return mlp, run
+
+
+def gemm_chain(a):
+    """The six GEMMs of a dense SwiGLU MLP on T*K rows, forward and backward, nothing else."""
+    n, h, f, dt = a.tokens * a.topk, a.hidden, a.ffn, DTYPES[a.dtype]
+    r = lambda *s: torch.randn(*s, device=a.device, dtype=dt)
+    x, w13, w2, dy = r(n, h), r(2 * f, h), r(h, f), r(n, h)
+    hid, act, dact, dhid = r(n, 2 * f), r(n, f), r(n, f), r(n, 2 * f)
+    out, dx, dw13, dw2 = r(n, h), r(n, h), r(2 * f, h), r(h, f)
+
+    def run(_x):
+        torch.mm(x, w13.t(), out=hid)  # forward
+        torch.mm(act, w2.t(), out=out)
+        torch.mm(dy, w2, out=dact)  # backward
+        torch.mm(dy.t(), act, out=dw2)
+        torch.mm(dhid, w13, out=dx)
+        torch.mm(dhid.t(), x, out=dw13)
+        return None
+
+    return None, run
+
+
+CONTENDERS = {
+    "ours": ours,
+    "hf-mixtral": hf_mixtral,
+    "hf-mixtral-grouped_mm": hf_mixtral_grouped,
+    "deepspeed": deepspeed_dropless,
+    "deepspeed-drop": deepspeed_drop,
+    "megatron-core": megatron_core,
+    "ceiling": ceiling,
+    "gemm-chain": gemm_chain,
+}
+
+
+def _init_dist(device):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+
+
+def _step(fn, x, dy):
+    x.grad = None
+    out = fn(x)
+    if out is not None:  # the ceilings run their own backward
+        out.backward(dy.view_as(out))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=1792)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="*", choices=sorted(CONTENDERS), help="subset to run")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    _init_dist(a.device)
+    names = a.only or list(CONTENDERS)
+    runs, times = {}, {}
+    for name in names:
+        try:
+            module, fn = CONTENDERS[name](a)
+        except Exception as exc:  # a peer that cannot run here is reported, not fatal
+            print(f"# {name}: not run ({type(exc).__name__}: {exc})", file=sys.stderr)
+            continue
+        runs[name], times[name] = (module, fn), []
+    dt = DTYPES[a.dtype]
+    x = torch.randn(a.tokens, a.hidden, device=a.device, dtype=dt, requires_grad=True)
+    dy = torch.randn(a.tokens, a.hidden, device=a.device, dtype=dt)
+    order = list(runs)
+    for it in range(a.warmup + a.iters):
+        for name in order[it % len(order) :] + order[: it % len(order)]:
+            module, fn = runs[name]
+            if module is not None:
+                module.zero_grad(set_to_none=True)
+            if a.device != "cpu":
+                torch.cuda.synchronize()
+            w0, c0 = time.perf_counter(), time.process_time()
+            _step(fn, x, dy)
+            if a.device != "cpu":
+                torch.cuda.synchronize()
+            if it >= a.warmup:
+                times[name].append((time.perf_counter() - w0, time.process_time() - c0))
+    print(
+        f"T={a.tokens} H={a.hidden} F={a.ffn} E={a.experts} K={a.topk} {a.dtype} {a.device} "
+        f"threads={a.threads} iters={a.iters} OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', '(default)')}\n"
+    )
+    print(
+        "| layer | wall best (ms) | wall median (ms) | tokens/s (best wall) | vs ours (wall) "
+        "| CPU time median (ms) | vs ours (CPU time) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    best = {n: min(w for w, _ in ts) for n, ts in times.items()}
+    cpu = {n: statistics.median(c for _, c in ts) for n, ts in times.items()}
+    for name, ts in times.items():
+        med = statistics.median(w for w, _ in ts)
+        r_wall = f"{best['ours'] / best[name]:.3f}" if "ours" in best else "-"
+        r_cpu = f"{cpu['ours'] / cpu[name]:.3f}" if "ours" in cpu else "-"
+        print(
+            f"| {name} | {best[name] * 1e3:.1f} | {med * 1e3:.1f} | {a.tokens / best[name]:,.0f} "
+            f"| {r_wall} | {cpu[name] * 1e3:.1f} | {r_cpu} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

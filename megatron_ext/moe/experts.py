@@ -1,0 +1,331 @@
+"""The local experts of one EP rank: SwiGLU FFNs stored stacked, run as one grouped GEMM.
+
+Shapes legend: M rows for this rank (grouped by local expert), H hidden, L local experts
+(E/EP), F expert FFN size, Fs = F / ETP the FFN shard held by this expert-TP rank.
+
+Parameters (``nn.Linear`` convention ``[out, in]``, the layout of HF Mixtral's experts):
+
+* ``w13 [L, 2*Fs, H]``: rows ``[:Fs]`` are this rank's shard of the gate projection w1, rows
+  ``[Fs:]`` its shard of the up projection w3 (column parallel over expert-TP);
+* ``w2 [L, H, Fs]``: this rank's shard of the down projection (row parallel over expert-TP).
+
+``y_MH = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ`` per expert; with ETP>1 the result is a partial sum over
+the FFN shards that the layer reduces over TP. The GEMMs (:func:`grouped_mm`) run as
+``torch._grouped_mm`` on CUDA (bf16/fp16, sm90+), else as a loop over experts writing into one
+preallocated output (CPU: dense-GEMM speed, no cat, no per-expert autograd nodes). With FP8
+(``config.fp8``) Transformer Engine's ``GroupedLinear`` runs the same stacked weights
+(import-guarded; untested here).
+
+Parameters carry ``allreduce = False`` (Megatron's DDP and distributed optimizer then reduce
+their grads over the expert-data-parallel group only) and the tensor-parallel attributes.
+``sharded_state_dict`` emits the keys, global shapes and offsets of Megatron's SequentialMLP /
+TEGroupedMLP (``<prefix>experts.linear_fc1.weight [E, 2F, H]`` with the expert axis indexed by
+GLOBAL expert id and SwiGLU halves placed at ``[0, F)`` / ``[F, 2F)``;
+``<prefix>experts.linear_fc2.weight [E, H, F]``), so checkpoints reshard across EP and TP sizes
+and interchange with Megatron-Core's own MoE checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from megatron_ext.moe.dispatcher import MoEGroups, group_rank, group_size
+
+
+class _LoopExperts(torch.autograd.Function):
+    """``y = swiglu(x w13[e]ᵀ) w2[e]ᵀ`` on the rows of each expert e, expert by expert, as one
+    autograd node.
+
+    Why expert by expert rather than stage by stage (all GEMM1s, then the activation on all
+    rows, then all GEMM2s): each expert's ``[n_e, 2Fs]`` intermediate is still in cache when
+    the activation and the next GEMM read it, which on CPUs makes the loop as fast as one dense
+    SwiGLU MLP over the same rows (or faster). GEMMs write into slices of preallocated outputs
+    (no cat); the backward reuses one per-expert scratch buffer. Saved for backward: x, the
+    GEMM1 output h, silu(g) and the activation a (what autograd would save).
+    """
+
+    @staticmethod
+    def forward(ctx, x_MH, w13_LFH, w2_LHF, splits):
+        m, fs = x_MH.shape[0], w2_LHF.shape[-1]
+        h_MF2, s_MF, a_MF = x_MH.new_empty(m, 2 * fs), x_MH.new_empty(m, fs), x_MH.new_empty(m, fs)
+        y_MH = x_MH.new_empty(m, w2_LHF.shape[1])
+        start = 0
+        for e, n in enumerate(splits):
+            rows = slice(start, start + n)
+            start += n
+            if n:
+                h = torch.mm(x_MH[rows], w13_LFH[e].t(), out=h_MF2[rows])
+                torch.ops.aten.silu.out(h[:, :fs], out=s_MF[rows])
+                torch.mul(s_MF[rows], h[:, fs:], out=a_MF[rows])
+                torch.mm(a_MF[rows], w2_LHF[e].t(), out=y_MH[rows])
+        ctx.save_for_backward(x_MH, w13_LFH, w2_LHF, h_MF2, s_MF, a_MF)
+        ctx.splits = splits
+        return y_MH
+
+    @staticmethod
+    def backward(ctx, dy_MH):
+        x_MH, w13_LFH, w2_LHF, h_MF2, s_MF, a_MF = ctx.saved_tensors
+        dy_MH, fs = dy_MH.contiguous(), w2_LHF.shape[-1]
+        dx_MH = torch.empty_like(x_MH)
+        dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
+        n_max = max(ctx.splits, default=0)
+        dh_buf, da_buf = x_MH.new_empty(n_max, 2 * fs), x_MH.new_empty(n_max, fs)
+        start = 0
+        for e, n in enumerate(ctx.splits):
+            rows = slice(start, start + n)
+            start += n
+            if not n:  # an expert without rows still gets a (zero) gradient
+                dw13[e].zero_()
+                dw2[e].zero_()
+                continue
+            torch.mm(dy_MH[rows].t(), a_MF[rows], out=dw2[e])
+            da = torch.mm(dy_MH[rows], w2_LHF[e], out=da_buf[:n])
+            g, u = h_MF2[rows, :fs], h_MF2[rows, fs:]
+            dh = dh_buf[:n]
+            torch.mul(da, s_MF[rows], out=dh[:, fs:])  # d up = da * silu(g)
+            torch.mul(da, u, out=dh[:, :fs])
+            torch.ops.aten.silu_backward.grad_input(dh[:, :fs], g, grad_input=dh[:, :fs])
+            torch.mm(dh, w13_LFH[e], out=dx_MH[rows])
+            torch.mm(dh.t(), x_MH[rows], out=dw13[e])
+        return dx_MH, dw13, dw2, None
+
+
+def _use_torch_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (
+        x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and x.shape[0] > 0
+        and w.shape[-1] % 8 == 0
+        and w.shape[-2] % 8 == 0
+    )
+
+
+def _grouped_mm(x_MK, w_LNK, splits_L: torch.Tensor) -> torch.Tensor:
+    """``y[rows of e] = x[rows of e] @ w_LNK[e]ᵀ`` as one ``torch._grouped_mm`` (autograd)."""
+    offs = torch.cumsum(splits_L, dim=0, dtype=torch.int32)
+    return torch._grouped_mm(x_MK, w_LNK.transpose(-2, -1), offs=offs)
+
+
+def expert_mlp(x_MH, w13_LFH, w2_LHF, splits: tuple[int, ...], splits_L: torch.Tensor):
+    """``y_MH``: SwiGLU expert e on its ``splits[e]`` consecutive rows of ``x_MH``.
+
+    CUDA bf16/fp16 (sm90+): two ``torch._grouped_mm`` around one SwiGLU over all rows;
+    elsewhere (CPU, older GPUs, fp32): :class:`_LoopExperts`.
+    """
+    if _use_torch_grouped_mm(x_MH, w13_LFH):
+        h_MF2 = _grouped_mm(x_MH, w13_LFH, splits_L)
+        return _grouped_mm(swiglu(h_MF2), w2_LHF, splits_L)
+    return _LoopExperts.apply(x_MH, w13_LFH, w2_LHF, tuple(splits))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``a = silu(g) * u`` for ``h = [g | u]`` (last dim). Backward writes ``dh`` in place of
+    autograd's cat: ``du = da * silu(g)``, ``dg = silu_backward(da * u, g)``."""
+
+    @staticmethod
+    def forward(ctx, h):
+        g, u = h.chunk(2, dim=-1)
+        s = F.silu(g)
+        ctx.save_for_backward(h, s)
+        return s * u
+
+    @staticmethod
+    def backward(ctx, da):
+        h, s = ctx.saved_tensors
+        g, u = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        dg, du = dh.chunk(2, dim=-1)
+        torch.mul(da, s, out=du)
+        torch.mul(da, u, out=dg)
+        torch.ops.aten.silu_backward.grad_input(dg, g, grad_input=dg)  # elementwise, in place
+        return dh
+
+
+def swiglu(h_MF2: torch.Tensor) -> torch.Tensor:
+    return _SwiGLU.apply(h_MF2)
+
+
+def _te_grouped_linear():
+    try:  # Transformer Engine is optional (CUDA only)
+        import transformer_engine.pytorch as te
+    except ImportError:
+        return None
+    return te
+
+
+class GroupedExperts(torch.nn.Module):
+    """This rank's L SwiGLU experts (see the module docstring for the layout)."""
+
+    def __init__(self, config, groups: MoEGroups, num_experts: int):
+        super().__init__()
+        self.groups = groups
+        ep, etp = group_size(groups.ep), group_size(groups.expt_tp)
+        if num_experts % ep:
+            raise ValueError(f"num_moe_experts={num_experts} is not divisible by EP={ep}")
+        ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
+        if ffn % etp:
+            raise ValueError(f"expert FFN size {ffn} is not divisible by expert-TP={etp}")
+        self.num_experts, self.num_local = num_experts, num_experts // ep
+        self.hidden, self.ffn, self.ffn_shard = config.hidden_size, ffn, ffn // etp
+        self.local_offset = group_rank(groups.ep) * self.num_local
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else None
+        device = device or torch.cuda.current_device()
+        kw = dict(dtype=config.params_dtype, device=device)
+        self.w13 = torch.nn.Parameter(
+            torch.empty(self.num_local, 2 * self.ffn_shard, self.hidden, **kw)
+        )
+        self.w2 = torch.nn.Parameter(torch.empty(self.num_local, self.hidden, self.ffn_shard, **kw))
+        if config.perform_initialization:
+            self._initialize(config)
+        for param, tp_dim in ((self.w13, 1), (self.w2, 2)):
+            param.allreduce = False  # expert params: grads reduced over expert-DP only
+            set_tensor_model_parallel_attributes(param, True, tp_dim, 1)
+        self.te_fc = None
+        if getattr(config, "fp8", None):
+            self.te_fc = self._build_te(config, device)
+
+    @torch.no_grad()
+    def _initialize(self, config) -> None:
+        """Normal init via ``config.init_method`` (w1, w3) / ``output_layer_init_method`` (w2).
+
+        ``use_cpu_initialization``: every rank draws the full weights of every expert from the
+        default generator in global order and keeps its shard, so the logical model does not
+        depend on the TP/EP layout. Otherwise each local shard is drawn on the device under
+        Megatron's expert-parallel RNG tracker (distinct per EP x ETP rank, deterministic given
+        the seed, as Megatron's own experts).
+        """
+        fs, tp_rank = self.ffn_shard, group_rank(self.groups.expt_tp)
+        shard = slice(tp_rank * fs, (tp_rank + 1) * fs)
+        if config.use_cpu_initialization:
+            for g in range(self.num_experts):
+                w1, w3 = (torch.empty(self.ffn, self.hidden, dtype=torch.float32) for _ in "13")
+                w2 = torch.empty(self.hidden, self.ffn, dtype=torch.float32)
+                config.init_method(w1)
+                config.init_method(w3)
+                config.output_layer_init_method(w2)
+                local = g - self.local_offset
+                if 0 <= local < self.num_local:
+                    self.w13[local, :fs].copy_(w1[shard])
+                    self.w13[local, fs:].copy_(w3[shard])
+                    self.w2[local].copy_(w2[:, shard])
+            return
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        name = tensor_parallel.random.get_expert_parallel_rng_tracker_name()
+        use_tracker = (
+            parallel_state.model_parallel_is_initialized() and name in tracker.get_states()
+        )
+        ctx = tracker.fork(name) if use_tracker else contextlib.nullcontext()
+        with ctx:
+            for local in range(self.num_local):
+                config.init_method(self.w13[local, :fs])
+                config.init_method(self.w13[local, fs:])
+                config.output_layer_init_method(self.w2[local])
+
+    def _build_te(self, config, device):
+        te = _te_grouped_linear()
+        if te is None:
+            raise RuntimeError("config.fp8 needs Transformer Engine (pip install .[gpu])")
+        kw = dict(bias=False, params_dtype=config.params_dtype, device=device)
+        fc1 = te.GroupedLinear(self.num_local, self.hidden, 2 * self.ffn_shard, **kw)
+        fc2 = te.GroupedLinear(self.num_local, self.ffn_shard, self.hidden, **kw)
+        for fc in (fc1, fc2):  # TE's own weights are replaced by views of w13 / w2 per call
+            for i in range(self.num_local):
+                del fc._parameters[f"weight{i}"]
+        pad = (te.Fp8Padding(self.num_local), te.Fp8Unpadding(self.num_local))
+        return {"fc1": fc1, "fc2": fc2, "pad": pad}  # a dict: not registered as submodules
+
+    def _forward_te(self, x_MH, splits):
+        fc1, fc2, (pad, unpad) = self.te_fc["fc1"], self.te_fc["fc2"], self.te_fc["pad"]
+        for fc, w in ((fc1, self.w13), (fc2, self.w2)):
+            for i, w_i in enumerate(w.unbind(0)):
+                setattr(fc, f"weight{i}", w_i)
+        x_pad, padded = pad(x_MH, list(splits))  # FP8 GEMMs need 16-row aligned groups
+        h = swiglu(fc1(x_pad, padded))
+        return unpad(fc2(h, padded), list(splits))
+
+    def forward(self, x_MH, splits: tuple[int, ...], splits_L: torch.Tensor) -> torch.Tensor:
+        """Run the local experts on rows grouped by local expert (``splits`` rows each)."""
+        if self.te_fc is not None:
+            return self._forward_te(x_MH, splits)
+        return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L)
+
+    # ------------------------------------------------------------------ checkpointing
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron SequentialMLP-compatible sharded tensors (see module docstring)."""
+        if (metadata or {}).get("singleton_local_shards", False):
+            raise NotImplementedError("singleton_local_shards checkpoints are not supported")
+        replica_id = (0, 0, group_rank(self.groups.expt_dp))
+        out = {}
+        for name, fc, build, parts in (
+            ("w13", "linear_fc1", self._build_fc1, 2),
+            ("w2", "linear_fc2", self._build_fc2, 1),
+        ):
+            out[f"{prefix}{name}"] = ShardedTensorFactory(
+                f"{prefix}experts.{fc}.weight",
+                getattr(self, name),
+                partial(build, sharded_offsets=tuple(sharded_offsets)),
+                partial(_merge_experts, parts=parts),
+                replica_id,
+            )
+        return out
+
+    def _expert_offsets(self, sharded_offsets, local):
+        axis = len(sharded_offsets)
+        return (*sharded_offsets, (axis, self.local_offset + local, self.num_experts)), axis
+
+    def _build_fc1(self, key, data, replica_id, flattened_range, sharded_offsets):
+        assert flattened_range is None, "flattened ranges are not supported"
+        tp, tp_rank, fs = (
+            group_size(self.groups.expt_tp),
+            group_rank(self.groups.expt_tp),
+            self.ffn_shard,
+        )
+        shards = []
+        for local in range(self.num_local):
+            offsets, axis = self._expert_offsets(sharded_offsets, local)
+            for half, chunk in ((0, tp_rank), (1, tp + tp_rank)):  # gate | up halves of [2F, H]
+                part = data[local, half * fs : (half + 1) * fs]
+                shards.append(
+                    ShardedTensor.from_rank_offsets(
+                        key,
+                        part,
+                        *offsets,
+                        (axis + 1, chunk, 2 * tp),
+                        replica_id=replica_id,
+                        prepend_axis_num=axis + 1,
+                    )
+                )
+        return shards
+
+    def _build_fc2(self, key, data, replica_id, flattened_range, sharded_offsets):
+        assert flattened_range is None, "flattened ranges are not supported"
+        tp, tp_rank = group_size(self.groups.expt_tp), group_rank(self.groups.expt_tp)
+        shards = []
+        for local in range(self.num_local):
+            offsets, axis = self._expert_offsets(sharded_offsets, local)
+            shards.append(
+                ShardedTensor.from_rank_offsets(
+                    key,
+                    data[local],
+                    *offsets,
+                    (axis + 2, tp_rank, tp),
+                    replica_id=replica_id,
+                    prepend_axis_num=axis + 1,
+                )
+            )
+        return shards
+
+
+def _merge_experts(loaded: list[torch.Tensor], parts: int) -> torch.Tensor:
+    """Inverse of the builders: ``parts`` tensors per local expert (fc1: gate, up; fc2: one)."""
+    per_expert = [torch.cat(loaded[i : i + parts], dim=0) for i in range(0, len(loaded), parts)]
+    return torch.stack(per_expert)
