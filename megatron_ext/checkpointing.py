@@ -29,11 +29,8 @@ crash-safety tests use it; it is never set in normal runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
 import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -45,8 +42,20 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-MARKER = "latest_checkpointed_iteration.txt"
-KILL_ENV = "MEGATRON_EXT_TEST_KILL_IN_SAVE"
+from megatron_ext.checkpoint_files import (  # noqa: F401  (re-exported: the on-disk layer)
+    KILL_ENV,
+    MARKER,
+    clear_debris,
+    is_checkpoint_dir,
+    iteration_dir,
+    maybe_kill,
+    publish,
+    read_marker,
+    resolve,
+    write_marker,
+)
+from megatron_ext.optimizer_state import ensure_optimizer_state, torch_adam_step_fix
+
 # Megatron-LM's current default: optimizer state reshardable over every parallel dimension.
 _METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 ARCH_FIELDS = (
@@ -97,81 +106,6 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         self.received = True
-
-
-# ------------------------------------------------------------------------------ files, marker
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_marker(root: str) -> int | None:
-    path = os.path.join(root, MARKER)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
-    return int(text)
-
-
-def write_marker(root: str, iteration: int) -> None:
-    """Point ``root``'s marker at ``iteration`` atomically (write, fsync, rename, fsync dir)."""
-    _atomic_write(os.path.join(root, MARKER), f"{iteration}\n")
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def is_checkpoint_dir(path: str) -> bool:
-    """A complete dist_checkpointing directory (``metadata.json`` is written last)."""
-    return os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def resolve(root: str) -> tuple[str | None, int | None]:
-    """``(directory, iteration)`` of the checkpoint that ``--load root`` means, or Nones.
-
-    ``root`` is a ``--save`` directory (its marker names the iteration) or one checkpoint
-    directory itself. A marked directory that is missing but has a ``.replaced`` twin (a
-    re-save of the same iteration killed between two renames) resolves to the twin."""
-    if is_checkpoint_dir(root):
-        name = os.path.basename(os.path.normpath(root))
-        digits = name[len("iter_") :] if name.startswith("iter_") else ""
-        return root, int(digits) if digits.isdigit() else None
-    iteration = read_marker(root)
-    if iteration is None:
-        return None, None
-    path = iteration_dir(root, iteration)
-    if not os.path.exists(path) and os.path.exists(path + ".replaced"):
-        path += ".replaced"
-    if not is_checkpoint_dir(path):
-        raise FileNotFoundError(
-            f"{os.path.join(root, MARKER)} names iteration {iteration} but {path} is not a "
-            "complete checkpoint (was it deleted or moved?)"
-        )
-    return path, iteration
-
-
-def _maybe_kill(point: str, iteration: int) -> None:
-    """The crash-safety tests' hook (see the module docstring)."""
-    spec = os.environ.get(KILL_ENV)
-    if spec and spec == f"{iteration}:{point}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- what is saved
@@ -242,33 +176,6 @@ def hparams_of(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------- save
-def _clear_debris(root: str, final: str, iteration: int) -> None:
-    """Rank 0: remove what killed saves left behind (before this save writes anything)."""
-    marked = read_marker(root)
-    for leftover in glob.glob(os.path.join(root, "iter_*.partial")):
-        shutil.rmtree(leftover)
-    for leftover in glob.glob(os.path.join(root, "iter_*.replaced")):
-        if not (marked is not None and leftover == iteration_dir(root, marked) + ".replaced"):
-            shutil.rmtree(leftover)
-    if os.path.exists(final) and marked != iteration:
-        shutil.rmtree(final)  # renamed but never marked: incomplete as far as loading goes
-
-
-def _publish(root: str, partial: str, final: str, iteration: int) -> None:
-    """Rank 0: rename the finished ``partial`` into place, then move the marker."""
-    replaced = final + ".replaced"
-    if os.path.exists(final):  # a re-save of the marked iteration: keep it until swapped
-        if os.path.exists(replaced):
-            shutil.rmtree(replaced)
-        os.replace(final, replaced)
-    os.replace(partial, final)
-    _fsync_dir(root)
-    _maybe_kill("renamed", iteration)
-    write_marker(root, iteration)
-    if os.path.exists(replaced):
-        shutil.rmtree(replaced)
-
-
 def save(args: argparse.Namespace, state: TrainState, model, optimizer, scheduler) -> str:
     """Save iteration ``state.iteration`` under ``--save``; returns the directory."""
     final = iteration_dir(args.save, state.iteration)
@@ -276,10 +183,10 @@ def save(args: argparse.Namespace, state: TrainState, model, optimizer, schedule
     rank0 = dist.get_rank() == 0
     if rank0:
         os.makedirs(args.save, exist_ok=True)
-        _clear_debris(args.save, final, state.iteration)
+        clear_debris(args.save, final, state.iteration)
         os.makedirs(partial)
     dist.barrier()
-    _maybe_kill("start", state.iteration)
+    maybe_kill("start", state.iteration)
     model_sd = _model_state(model)
     sharded = {
         "model": model_sd,
@@ -295,9 +202,9 @@ def save(args: argparse.Namespace, state: TrainState, model, optimizer, schedule
     start = time.time()
     dist_checkpointing.save(sharded, partial, content_metadata=_METADATA)
     dist.barrier()
-    _maybe_kill("written", state.iteration)
+    maybe_kill("written", state.iteration)
     if rank0:
-        _publish(args.save, partial, final, state.iteration)
+        publish(args.save, partial, final, state.iteration)
         print(f"saved checkpoint {final} in {time.time() - start:.1f}s", flush=True)
     dist.barrier()
     return final
@@ -347,68 +254,6 @@ def _load_scheduler(scheduler, saved: dict, path: str) -> None:
         ) from None
 
 
-def _ensure_optimizer_state(optimizer) -> None:
-    """Give a fresh PyTorch Adam its per-parameter state (zeros, step 0) before loading.
-
-    Megatron's distributed optimizer reads the inner optimizer's state to build the sharded
-    state dict it loads into; without Apex or Transformer Engine (CPU ranks) that inner optimizer
-    is ``torch.optim.Adam(W)``, whose state only exists after a first step. The values are
-    placeholders, all overwritten by the load."""
-    for sub in _torch_adams(optimizer):  # Apex / TE fused Adam: Megatron handles it
-        inner = sub.optimizer
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p].update(
-                        step=torch.zeros((), dtype=torch.float32),
-                        exp_avg=torch.zeros_like(p),
-                        exp_avg_sq=torch.zeros_like(p),
-                    )
-
-
-def _torch_adams(optimizer):
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(getattr(sub, "optimizer", None), torch.optim.Adam):
-            yield sub
-
-
-@contextlib.contextmanager
-def _torch_adam_step_fix(optimizer):
-    """Two gaps of Megatron-Core 0.16.1's distributed optimizer when its inner optimizer is
-    PyTorch's Adam (no Apex / TE, e.g. CPU ranks), loading ``fully_reshardable`` state:
-
-    1. it copies every per-parameter state entry from what it read, ``step`` included, but
-       leaves ``step`` out of what it reads (it restores the step from the param groups):
-       supply the current ``step`` as its own source (a no-op copy) during the load;
-    2. it gives every parameter the SAME ``step`` tensor, which Adam then increments once per
-       parameter per step (wrong bias correction): give each parameter its own copy after."""
-    patched = []
-    for sub in _torch_adams(optimizer):
-        original = getattr(sub, "_set_main_param_and_optimizer_states", None)
-        if original is None:
-            continue
-
-        def set_states(model_param, tensors, sub=sub, original=original):
-            group, order = sub.model_param_group_index_map[model_param]
-            main_param = sub.optimizer.param_groups[group]["params"][order]
-            step = sub.optimizer.state[main_param].get("step")
-            if step is not None and "step" not in tensors:
-                tensors = {**tensors, "step": step}
-            return original(model_param, tensors)
-
-        sub._set_main_param_and_optimizer_states = set_states
-        patched.append(sub)
-    try:
-        yield
-    finally:
-        for sub in patched:
-            del sub._set_main_param_and_optimizer_states
-    for sub in _torch_adams(optimizer):
-        for state in sub.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
 def _may_be_missing(key: str, weights_only: bool) -> bool:
     """State a checkpoint may lack; the model keeps its own value: ``_extra_state`` (checkpoints
     converted from HF have none) and, in weights-only checkpoints, the aux-loss-free router's
@@ -449,7 +294,7 @@ def load(args: argparse.Namespace, model, optimizer, scheduler) -> TrainState:
     model_sd = _model_state(model)
     sharded = {"model": model_sd}
     if load_optim:
-        _ensure_optimizer_state(optimizer)
+        ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=_METADATA
         )
@@ -467,7 +312,7 @@ def load(args: argparse.Namespace, model, optimizer, scheduler) -> TrainState:
                 weights[key] = value
         target.load_state_dict(weights)
     if load_optim:
-        with _torch_adam_step_fix(optimizer):
+        with torch_adam_step_fix(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
     else:  # main (fp32) params must follow the loaded weights, as Megatron-LM does
         optimizer.reload_model_params()
