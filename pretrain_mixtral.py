@@ -93,20 +93,26 @@ def reduce_losses(losses_per_microbatch) -> dict[str, float]:
     return {k: v.item() for k, v in zip(keys, values, strict=True)}
 
 
-def train_step(args, data_iterator, model, optimizer, scheduler):
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    # Router losses get the same gradient scale as the LM loss (loss scale / micro-batches).
-    set_aux_loss_scale(model, optimizer.get_loss_scale() / args.num_microbatches)
-    losses = get_forward_backward_func()(
+def forward_backward(args, data_iterator, model, forward_only=False):
+    """One global batch through Megatron's pipeline schedule (1F1B, interleaved, or none)."""
+    return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterator,
         model=model,
         num_microbatches=args.num_microbatches,
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
     )
+
+
+def train_step(args, data_iterator, model, optimizer, scheduler):
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    # Router losses get the same gradient scale as the LM loss (loss scale / micro-batches).
+    set_aux_loss_scale(model, optimizer.get_loss_scale() / args.num_microbatches)
+    losses = forward_backward(args, data_iterator, model)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
@@ -119,15 +125,7 @@ def evaluate(args, data_iterator, model) -> dict[str, float]:
         chunk.eval()
     totals = {}
     for _ in range(args.eval_iters):
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data_iterator,
-            model=model,
-            num_microbatches=args.num_microbatches,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            forward_only=True,
-        )
+        losses = forward_backward(args, data_iterator, model, forward_only=True)
         for k, v in reduce_losses(losses).items():
             totals[k] = totals.get(k, 0.0) + v / args.eval_iters
     collect_moe_stats(model, reset=True)  # eval routing is not training load
