@@ -59,7 +59,13 @@ def _moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--moe-router-load-balancing-type",
         default="aux_loss",
-        choices=["aux_loss", "none", "aux_loss_free"],
+        choices=["aux_loss", "none"],
+    )
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
+    g.add_argument(
+        "--moe-router-enable-expert-bias",
+        action="store_true",
+        help="auxiliary-loss-free balancing (DeepSeek-V3); needs sigmoid scores",
     )
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)

@@ -137,6 +137,11 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             "--recompute-num-layers",
         )
     _require(
+        not args.moe_router_enable_expert_bias or args.moe_router_score_function == "sigmoid",
+        "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+        "(as in Megatron-LM)",
+    )
+    _require(
         not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
         "--override-opt-param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive",
     )

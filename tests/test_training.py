@@ -80,3 +80,26 @@ def test_tp2_pp2_dp2_ep2_on_8_ranks_matches_one_rank(reference_weights, one_rank
     )
     losses = _train(reference_weights, 8, layout)
     assert losses == pytest.approx(one_rank, rel=RTOL)
+
+
+def test_aux_loss_free_balancing_trains_and_moves_the_expert_bias(tmp_path):
+    """--moe-router-enable-expert-bias (sigmoid scores, no aux loss): the bias is updated from
+    the load each step and saved with the model."""
+    argv = (
+        f"{COMMON} --train-iters 3 --lr 3e-3 --moe-router-load-balancing-type none"
+        " --moe-router-score-function sigmoid --moe-router-enable-expert-bias"
+        f" --moe-router-bias-update-rate 1e-2 --expert-model-parallel-size 2 --save {tmp_path}"
+    ).split()
+    losses = run_on_ranks(_run, 2, args=(argv,), timeout=600)[-1]
+    assert len(losses) == 3 and all(x == x for x in losses)
+    biases = run_on_ranks(_expert_biases, 1, args=(str(tmp_path / "iter_0000003"),))[0]
+    (bias_LE,) = biases.values()  # Megatron stacks per-layer tensors: [layers, experts]
+    assert tuple(bias_LE.shape) == (2, 4)  # `tiny`: 2 layers, 4 experts
+    assert (bias_LE.abs().sum(dim=1) > 0).all(), bias_LE
+
+
+def _expert_biases(path):
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load_plain_tensors(path)
+    return {k: v for k, v in state.items() if k.endswith("router.expert_bias")}

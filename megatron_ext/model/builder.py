@@ -71,11 +71,9 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         num_moe_experts=args.num_experts,
         moe_ffn_hidden_size=args.ffn_hidden_size,
         moe_router_topk=args.moe_router_topk,
-        moe_router_load_balancing_type=(
-            "none"
-            if args.moe_router_load_balancing_type == "aux_loss_free"
-            else args.moe_router_load_balancing_type
-        ),
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_router_bias_update_rate=args.moe_router_bias_update_rate,
