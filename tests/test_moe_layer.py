@@ -206,3 +206,20 @@ def test_unsupported_settings_are_refused():
     layer = _layer()
     with pytest.raises(NotImplementedError):
         layer(_inputs(0), padding_mask=torch.zeros(3, 6, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("splits", [(3, 0, 5), (0, 0, 0), (4,)])
+def test_expert_mlp_gradcheck_with_empty_experts(splits):
+    from megatron_ext.moe import expert_mlp
+
+    g = torch.Generator().manual_seed(sum(splits))
+    m, n = sum(splits), len(splits)
+    x = torch.randn(m, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w13 = torch.randn(n, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(n, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, b, c: expert_mlp(a, b, c, splits, torch.tensor(splits))
+    assert torch.autograd.gradcheck(fn, (x, w13, w2))
+    fn(x, w13, w2).sum().backward()
+    for e, n_e in enumerate(splits):
+        if n_e == 0:  # an expert without tokens gets an all-zero (not a missing) gradient
+            assert torch.all(w13.grad[e] == 0) and torch.all(w2.grad[e] == 0)

@@ -1,4 +1,4 @@
-"""The local experts of one EP rank: SwiGLU FFNs stored stacked, run as one grouped GEMM.
+"""The local experts of one EP rank: SwiGLU FFNs stored stacked, run as grouped GEMMs.
 
 Shapes legend: M rows for this rank (grouped by local expert), H hidden, L local experts
 (E/EP), F expert FFN size, Fs = F / ETP the FFN shard held by this expert-TP rank.
@@ -10,9 +10,10 @@ Parameters (``nn.Linear`` convention ``[out, in]``, the layout of HF Mixtral's e
 * ``w2 [L, H, Fs]``: this rank's shard of the down projection (row parallel over expert-TP).
 
 ``y_MH = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ`` per expert; with ETP>1 the result is a partial sum over
-the FFN shards that the layer reduces over TP. The GEMMs (:func:`grouped_mm`) run as
-``torch._grouped_mm`` on CUDA (bf16/fp16, sm90+), else as a loop over experts writing into one
-preallocated output (CPU: dense-GEMM speed, no cat, no per-expert autograd nodes). With FP8
+the FFN shards that the layer reduces over TP. :func:`expert_mlp` runs all local experts as
+two ``torch._grouped_mm`` around one SwiGLU on CUDA (bf16/fp16, sm90+), and elsewhere (CPU)
+as one autograd node looping over experts (:class:`_LoopExperts`: each expert's whole MLP at
+once, cache-resident; faster than one dense MLP over the same rows). With FP8
 (``config.fp8``) Transformer Engine's ``GroupedLinear`` runs the same stacked weights
 (import-guarded; untested here).
 
@@ -46,38 +47,38 @@ class _LoopExperts(torch.autograd.Function):
     Why expert by expert rather than stage by stage (all GEMM1s, then the activation on all
     rows, then all GEMM2s): each expert's ``[n_e, 2Fs]`` intermediate is still in cache when
     the activation and the next GEMM read it, which on CPUs makes the loop as fast as one dense
-    SwiGLU MLP over the same rows (or faster). GEMMs write into slices of preallocated outputs
-    (no cat); the backward reuses one per-expert scratch buffer. Saved for backward: x, the
-    GEMM1 output h, silu(g) and the activation a (what autograd would save).
+    SwiGLU MLP over the same rows (or faster). Intermediates are per expert, not slices of
+    layer-wide buffers: allocations above the C allocator's mmap threshold (32 MiB) would be
+    fresh pages every step, and their page faults cost more than the activation itself.
+    Saved for backward, per expert: the GEMM1 output h, silu(g) and the activation a (what
+    autograd would save).
     """
 
     @staticmethod
     def forward(ctx, x_MH, w13_LFH, w2_LHF, splits):
-        m, fs = x_MH.shape[0], w2_LHF.shape[-1]
-        h_MF2, s_MF, a_MF = x_MH.new_empty(m, 2 * fs), x_MH.new_empty(m, fs), x_MH.new_empty(m, fs)
-        y_MH = x_MH.new_empty(m, w2_LHF.shape[1])
-        start = 0
+        fs = w2_LHF.shape[-1]
+        y_MH = x_MH.new_empty(x_MH.shape[0], w2_LHF.shape[1])
+        saved, start = [], 0
         for e, n in enumerate(splits):
             rows = slice(start, start + n)
             start += n
             if n:
-                h = torch.mm(x_MH[rows], w13_LFH[e].t(), out=h_MF2[rows])
-                torch.ops.aten.silu.out(h[:, :fs], out=s_MF[rows])
-                torch.mul(s_MF[rows], h[:, fs:], out=a_MF[rows])
-                torch.mm(a_MF[rows], w2_LHF[e].t(), out=y_MH[rows])
-        ctx.save_for_backward(x_MH, w13_LFH, w2_LHF, h_MF2, s_MF, a_MF)
+                h = torch.mm(x_MH[rows], w13_LFH[e].t())
+                s = F.silu(h[:, :fs])
+                a = s * h[:, fs:]
+                torch.mm(a, w2_LHF[e].t(), out=y_MH[rows])
+                saved += [h, s, a]
+        ctx.save_for_backward(x_MH, w13_LFH, w2_LHF, *saved)
         ctx.splits = splits
         return y_MH
 
     @staticmethod
     def backward(ctx, dy_MH):
-        x_MH, w13_LFH, w2_LHF, h_MF2, s_MF, a_MF = ctx.saved_tensors
+        x_MH, w13_LFH, w2_LHF, *saved = ctx.saved_tensors
         dy_MH, fs = dy_MH.contiguous(), w2_LHF.shape[-1]
         dx_MH = torch.empty_like(x_MH)
         dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
-        n_max = max(ctx.splits, default=0)
-        dh_buf, da_buf = x_MH.new_empty(n_max, 2 * fs), x_MH.new_empty(n_max, fs)
-        start = 0
+        saved, start = iter(saved), 0
         for e, n in enumerate(ctx.splits):
             rows = slice(start, start + n)
             start += n
@@ -85,13 +86,13 @@ class _LoopExperts(torch.autograd.Function):
                 dw13[e].zero_()
                 dw2[e].zero_()
                 continue
-            torch.mm(dy_MH[rows].t(), a_MF[rows], out=dw2[e])
-            da = torch.mm(dy_MH[rows], w2_LHF[e], out=da_buf[:n])
-            g, u = h_MF2[rows, :fs], h_MF2[rows, fs:]
-            dh = dh_buf[:n]
-            torch.mul(da, s_MF[rows], out=dh[:, fs:])  # d up = da * silu(g)
-            torch.mul(da, u, out=dh[:, :fs])
-            torch.ops.aten.silu_backward.grad_input(dh[:, :fs], g, grad_input=dh[:, :fs])
+            h, s, a = next(saved), next(saved), next(saved)
+            torch.mm(dy_MH[rows].t(), a, out=dw2[e])
+            da = torch.mm(dy_MH[rows], w2_LHF[e])
+            dh = torch.empty_like(h)
+            torch.mul(da, s, out=dh[:, fs:])  # d up = da * silu(g)
+            torch.mul(da, h[:, fs:], out=dh[:, :fs])  # d gate = silu'(g) * da * up
+            torch.ops.aten.silu_backward.grad_input(dh[:, :fs], h[:, :fs], grad_input=dh[:, :fs])
             torch.mm(dh, w13_LFH[e], out=dx_MH[rows])
             torch.mm(dh.t(), x_MH[rows], out=dw13[e])
         return dx_MH, dw13, dw2, None
