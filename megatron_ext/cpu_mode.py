@@ -89,13 +89,14 @@ class _CudaAsCpu(TorchFunctionMode):
 
 
 class _Inert:
-    """Stands in for torch.cuda.Stream / Event: every method does nothing."""
+    """Stands in for torch.cuda.Stream / Event: every method does nothing and returns another
+    inert object (so ``stream.record_event().synchronize()`` chains work)."""
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __getattr__(self, name):
-        return lambda *a, **k: None
+        return lambda *a, **k: _Inert()
 
     def elapsed_time(self, other) -> float:
         return 0.0

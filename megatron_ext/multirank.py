@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Sequence
 
 _PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state", "megatron_ext.cpu_mode"]
@@ -65,6 +66,13 @@ def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
             cpu_mode.enable()
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(*args, **kwargs)
+        try:  # the queue pickles in a feeder thread that fails silently: check here, the same way
+            ForkingPickler.dumps(out)
+        except Exception as e:
+            raise TypeError(
+                f"{fn.__name__} returned a value that cannot be sent back: {e!r} (return CPU "
+                "tensors without grad, numbers, lists or dicts)"
+            ) from e
         results.put((rank, "ok", out))
     except BaseException:  # report everything, including assertion errors and SystemExit
         results.put((rank, "error", traceback.format_exc()))

@@ -27,6 +27,17 @@ def _rank_1_hangs():
     dist.barrier()
 
 
+def _returns_a_tensor_that_needs_grad():
+    return torch.ones(2, requires_grad=True) * 2
+
+
+def test_unpicklable_result_is_reported_not_waited_for():
+    start = time.monotonic()
+    with pytest.raises(MultiRankError, match="cannot be sent back"):
+        run_on_ranks(_returns_a_tensor_that_needs_grad, 2, timeout=120)
+    assert time.monotonic() - start < 60
+
+
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_results_come_back_by_rank(world):
     results = run_on_ranks(_sum_of_ranks, world, args=(2.0,))
