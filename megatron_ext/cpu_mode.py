@@ -12,7 +12,7 @@ What it does, and why each piece is needed (every one was found by running Megat
 
 1. ``_CudaAsCpu``, a ``TorchFunctionMode`` pushed for the whole process:
    * any ``device=`` that names CUDA (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")``, a bare
-     int as returned by ``torch.cuda.current_device()``) becomes ``"cpu"``: the causal mask
+     int ordinal) becomes ``"cpu"``: the causal mask
      (``device="cuda"``), the pipeline schedule's token counter, DDP's grad buffers, rotary
      embeddings (``.to(torch.cuda.current_device())``) and many ``torch.empty(...,
      device=torch.cuda.current_device())`` calls;
@@ -21,11 +21,14 @@ What it does, and why each piece is needed (every one was found by running Megat
    * ``Tensor.type()`` with no argument reports ``torch.cuda.<T>Tensor``: the optimizer,
      distributed optimizer and ``clip_grads`` assert ``param.type() == 'torch.cuda.FloatTensor'``.
 2. ``torch.cuda`` functions that would raise "Torch not compiled with CUDA enabled":
-   ``current_device`` returns 0 (turned into the CPU by 1.), ``device_count`` 1, ``set_device``,
-   ``synchronize``, ``empty_cache`` and ``nvtx`` ranges do nothing; ``Stream``, ``Event``,
-   ``stream()``, ``current_stream()`` and ``default_stream()`` are inert stand-ins (Megatron's
-   alltoall dispatcher and DDP's overlap create side streams; on CPU everything is already
-   ordered); memory statistics read 0.
+   ``current_device`` returns ``torch.device("cpu")`` (not 0: while a torch function mode
+   handles a call PyTorch pops the mode, so everything inside ``torch.autograd.backward`` runs
+   without it, and Megatron's backward passes allocate with
+   ``device=torch.cuda.current_device()``; an int there would mean an accelerator),
+   ``device_count`` 1, ``set_device``, ``synchronize``, ``empty_cache`` and ``nvtx`` ranges do
+   nothing; ``Stream``, ``Event``, ``stream()``, ``current_stream()`` and ``default_stream()``
+   are inert stand-ins (Megatron's alltoall dispatcher and DDP's overlap create side streams;
+   on CPU everything is already ordered); memory statistics read 0.
 3. The CUDA RNG is the CPU default generator: ``torch.cuda.{get_rng_state, set_rng_state,
    manual_seed, manual_seed_all}`` and Megatron's ``_get_cuda_rng_state`` /
    ``_set_cuda_rng_state`` (used by ``CudaRNGStatesTracker``) read and write
@@ -66,6 +69,7 @@ def _is_cuda_device(device) -> bool:
 
 
 _KEEP = (torch.Tensor.cuda, torch.Tensor.pin_memory)
+_CPU = torch.device("cpu")
 _NOOP = (torch.Tensor.record_stream,)
 
 
@@ -129,7 +133,7 @@ def _patches() -> list[tuple[object, str, object]]:
     cuda = torch.cuda
     stream_ctx = contextlib.nullcontext
     patches = [
-        (cuda, "current_device", lambda: 0),
+        (cuda, "current_device", lambda: _CPU),
         (cuda, "device_count", lambda: 1),
         (cuda, "set_device", lambda *a, **k: None),
         (cuda, "synchronize", lambda *a, **k: None),
