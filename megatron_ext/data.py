@@ -22,79 +22,36 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from data_tools.tokenizers import build_tokenizer as data_tools_tokenizer
 
-class _Tokenizer:
-    """What Megatron-Core's datasets need: ``eod``, ``vocab_size``, ``pad`` and
-    ``unique_identifiers`` (hashed into the dataset index cache names)."""
 
-    source = ""
+class DatasetTokenizer:
+    """A tokenizer as Megatron-Core's datasets want it: ``eod``, ``vocab_size``, ``pad`` and
+    ``unique_identifiers`` (hashed into the dataset index cache names).
+
+    Wraps the tokenizer ``data_tools`` preprocessed the corpus with, so training and
+    preprocessing always agree on the vocabulary and the EOD id."""
+
+    def __init__(self, vocab_size: int, eod: int | None, source: str, inner=None):
+        self.vocab_size, self.eod, self.source, self.inner = vocab_size, eod, source, inner
+        self.pad = -1  # no pad id: Megatron's GPTDataset pads with -1 and masks the loss there
 
     @property
     def unique_identifiers(self) -> dict:
-        return {"class": type(self).__name__, "source": self.source, "vocab": self.vocab_size}
+        kind = type(self.inner).__name__ if self.inner is not None else "NullTokenizer"
+        return {"class": kind, "source": self.source, "vocab": self.vocab_size}
 
 
-class SentencePieceTokenizer(_Tokenizer):
-    """Llama2Tokenizer / SentencePieceTokenizer semantics: EOD is ``</s>`` (id 2 for Mixtral)."""
-
-    def __init__(self, model_path: str):
-        import sentencepiece
-
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
-        self.source = model_path
-        self.vocab_size = self._sp.vocab_size()
-        self.eod = self._sp.eos_id()
-        self.bos = self._sp.bos_id()
-        self.pad = -1  # no pad piece: Megatron's GPTDataset then pads with -1 and masks it
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    def detokenize(self, ids) -> str:
-        return self._sp.decode(list(ids))
-
-
-class HuggingFaceTokenizer(_Tokenizer):
-    """A local ``transformers`` tokenizer directory (nothing is downloaded)."""
-
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.source = path
-        self.vocab_size = len(self._tok)
-        self.eod = self._tok.eos_token_id
-        self.bos = self._tok.bos_token_id
-        self.pad = -1
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tok(text, add_special_tokens=False)["input_ids"]
-
-    def detokenize(self, ids) -> str:
-        return self._tok.decode(list(ids))
-
-
-class NullTokenizer(_Tokenizer):
-    """Ids only (``--mock-data``): vocabulary from ``--vocab-size``, EOD the last id."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.eod = vocab_size - 1
-        self.bos = None
-        self.pad = -1
-
-
-def build_tokenizer(args: argparse.Namespace):
+def build_tokenizer(args: argparse.Namespace) -> DatasetTokenizer:
     kind = args.tokenizer_type
     if kind == "NullTokenizer" or (args.mock_data and not args.tokenizer_model):
         if args.vocab_size is None:
             raise ValueError("--mock-data without --tokenizer-model needs --vocab-size")
-        return NullTokenizer(args.vocab_size)
+        return DatasetTokenizer(args.vocab_size, args.vocab_size - 1, "null")  # EOD: last id
     if not args.tokenizer_model:
         raise ValueError(f"--tokenizer-type {kind} needs --tokenizer-model")
-    if kind in ("Llama2Tokenizer", "SentencePieceTokenizer"):
-        return SentencePieceTokenizer(args.tokenizer_model)
-    return HuggingFaceTokenizer(args.tokenizer_model)
+    inner = data_tools_tokenizer(kind, args.tokenizer_model, split_newlines=False)
+    return DatasetTokenizer(inner.vocab_size, inner.eod, args.tokenizer_model, inner)
 
 
 def split_sizes(args: argparse.Namespace) -> list[int]:
