@@ -11,18 +11,25 @@ outlasts ``timeout`` seconds (a hang in a collective, say) is killed and reporte
 Children come from a fork server that has already imported torch and Megatron-Core, so a rank
 starts in well under a second instead of re-importing everything; ``body`` must be importable by
 name (a module-level function).
+
+Results cross the process boundary as plain bytes (pickled in the rank, ``pickle.loads``
+here): a tensor's data travels inside the message. Not through ``multiprocessing``'s own pickler,
+which torch extends to share tensor storage by file descriptor: the parent then fetches each
+descriptor from the rank after the message arrives, and a rank that has already exited leaves
+``FileNotFoundError`` / ``ConnectionResetError`` behind (a flaky suite, seen in CI).
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
 import time
 import traceback
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Sequence
 
 _PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state", "megatron_ext.cpu_mode"]
@@ -43,6 +50,24 @@ def _context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
+
+
+class _PlainPickler(pickle.Pickler):
+    """``pickle`` with one rule of the old transport kept: a tensor that requires grad is refused
+    (autograd does not cross processes; the caller must detach)."""
+
+    def reducer_override(self, obj):
+        import torch
+
+        if isinstance(obj, torch.Tensor) and obj.requires_grad:
+            raise TypeError("a tensor that requires grad cannot leave its process (detach it)")
+        return NotImplemented
+
+
+def _to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    _PlainPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
@@ -66,14 +91,14 @@ def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
             cpu_mode.enable()
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(*args, **kwargs)
-        try:  # the queue pickles in a feeder thread that fails silently: check here, the same way
-            ForkingPickler.dumps(out)
+        try:  # plain data, never shared storage (see the module docstring)
+            payload = _to_bytes(out)
         except Exception as e:
             raise TypeError(
                 f"{fn.__name__} returned a value that cannot be sent back: {e!r} (return CPU "
                 "tensors without grad, numbers, lists or dicts)"
             ) from e
-        results.put((rank, "ok", out))
+        results.put((rank, "ok", payload))
     except BaseException:  # report everything, including assertion errors and SystemExit
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -139,7 +164,10 @@ def run_on_ranks(
                 if errors:
                     deadline = min(deadline, time.monotonic() + 5.0)  # let peers report, then stop
                 continue
-            (outs if status == "ok" else errors)[rank] = payload
+            if status == "ok":
+                outs[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
             if errors:
                 deadline = min(deadline, time.monotonic() + 5.0)
     finally:
