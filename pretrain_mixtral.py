@@ -22,8 +22,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_ext import checkpointing, data, engine
-from megatron_ext.arguments import LayoutError, parse_args
-from megatron_ext.metrics import Reporter, expert_load
+from megatron_ext.arguments import LayoutError, check_environment, parse_args
+from megatron_ext.metrics import Reporter, expert_load, precision_of
 from megatron_ext.model import transformer_config
 from megatron_ext.moe import collect_moe_stats, set_aux_loss_scale
 
@@ -82,7 +82,9 @@ def data_iterators(args, dataset, consumed_samples, model):
 def reduce_losses(losses_per_microbatch) -> dict[str, float]:
     """Average the reported losses over micro-batches and data-parallel ranks; all ranks get it."""
     keys = ["lm loss"]
-    values = torch.zeros(len(keys), dtype=torch.float64)
+    # On the device: NCCL groups take CUDA tensors only (a host tensor here killed every GPU
+    # run at the end of step 1).
+    values = torch.zeros(len(keys), dtype=torch.float64, device=torch.cuda.current_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses_per_microbatch:
         for i, k in enumerate(keys):
             values[i] = torch.stack([x[k].double() for x in losses_per_microbatch]).mean()
@@ -90,7 +92,7 @@ def reduce_losses(losses_per_microbatch) -> dict[str, float]:
         values /= parallel_state.get_data_parallel_world_size()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
-    return {k: v.item() for k, v in zip(keys, values, strict=True)}
+    return dict(zip(keys, values.tolist(), strict=True))  # one device -> host copy
 
 
 def forward_backward(args, data_iterator, model, forward_only=False):
@@ -124,10 +126,11 @@ def evaluate(args, data_iterator, model) -> dict[str, float]:
     for chunk in model:
         chunk.eval()
     totals = {}
-    for _ in range(args.eval_iters):
-        losses = forward_backward(args, data_iterator, model, forward_only=True)
-        for k, v in reduce_losses(losses).items():
-            totals[k] = totals.get(k, 0.0) + v / args.eval_iters
+    with engine.params_synced(model):  # --overlap-param-gather: evaluate this step's weights
+        for _ in range(args.eval_iters):
+            losses = forward_backward(args, data_iterator, model, forward_only=True)
+            for k, v in reduce_losses(losses).items():
+                totals[k] = totals.get(k, 0.0) + v / args.eval_iters
     collect_moe_stats(model, reset=True)  # eval routing is not training load
     for chunk in model:
         chunk.train()
@@ -197,6 +200,7 @@ def gather_moe_stats(model) -> dict:
 def run(argv=None) -> History:
     """Parse flags, set up, train; return the training loss of every iteration."""
     args = parse_args(argv)
+    check_environment(args)  # Transformer Engine, GPU generation, kernels: before any build
     args.start_time = time.time()  # --exit-duration-in-mins counts from here, as in Megatron-LM
     preemption = checkpointing.Preemption()  # from the start: a SIGTERM during setup counts too
     engine.initialize(args)
@@ -215,6 +219,11 @@ def run(argv=None) -> History:
 
         writer = SummaryWriter(log_dir=args.tensorboard_dir)
     reporter = Reporter(args, writer)
+    if reporter.peak is None and not args.cpu:
+        print_rank_last(
+            f"note: MFU not reported: no datasheet peak for {torch.cuda.get_device_name()} "
+            f"at {precision_of(args)} (megatron_ext/metrics.py); pass --peak-tflops"
+        )
     history = train(
         args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter, preemption
     )

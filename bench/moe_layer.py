@@ -137,9 +137,10 @@ def megatron_core(a):
         cpu_mode.enable()
     spec = get_gpt_layer_local_spec(num_experts=a.experts, moe_grouped_gemm=False)
     layer = build_module(
-        spec.submodules.mlp, config=_config(a, moe_token_dispatcher_type="allgather"),
+        spec.submodules.mlp,
+        config=_config(a, moe_token_dispatcher_type="allgather"),
         pg_collection=_pg_collection(),
-    )  # fmt: skip
+    ).to(a.device)  # fmt: skip  (Megatron's router weight is made on the host)
     if on_cpu:
         cpu_mode.disable()
 
@@ -214,7 +215,7 @@ CONTENDERS = {
 
 def _init_dist(device):
     import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state, tensor_parallel
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -224,6 +225,8 @@ def _init_dist(device):
     if not dist.is_initialized():
         dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
+    if device != "cpu":  # Megatron's experts initialise under its CUDA RNG tracker's streams
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
 def _step(fn, x, dy):

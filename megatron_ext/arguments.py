@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_ext.layout import LayoutError, unhonoured, validate
+from megatron_ext.layout import LayoutError, check_environment, unhonoured, validate
 from megatron_ext.model.presets import PRESETS
 
-__all__ = ["LayoutError", "build_parser", "parse_args"]
+__all__ = ["LayoutError", "build_parser", "check_environment", "parse_args"]
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -152,6 +152,24 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument(
+        "--no-align-param-gather",
+        action="store_false",
+        dest="align_param_gather",
+        help="let each pipeline stage start its param all-gathers itself",
+    )
+    g.add_argument(
+        "--no-align-grad-reduce",
+        action="store_false",
+        dest="align_grad_reduce",
+        help="let each pipeline stage start its grad reductions itself",
+    )
+    g.add_argument(
+        "--ddp-bucket-size",
+        type=int,
+        default=None,
+        help="elements per DDP bucket (default: max(40M, 1M x DP) when overlapping)",
+    )
     g.add_argument("--cpu", action="store_true", help="CPU ranks over gloo (megatron_ext.cpu_mode)")
 
 
@@ -175,7 +193,8 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
         "--peak-tflops",
         type=float,
         default=None,
-        help="per-device peak for MFU (default: H100 989 bf16 / 1979 fp8 on GPU)",
+        help="per-device peak for MFU (default: the GPU's datasheet peak, e.g. H100 SXM "
+        "989 bf16 / 1979 fp8)",
     )
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)

@@ -42,6 +42,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_ext import engine
 from megatron_ext.checkpoint_files import (  # noqa: F401  (re-exported: the on-disk layer)
     KILL_ENV,
     MARKER,
@@ -187,6 +188,12 @@ def save(args: argparse.Namespace, state: TrainState, model, optimizer, schedule
         os.makedirs(partial)
     dist.barrier()
     maybe_kill("start", state.iteration)
+    with engine.params_synced(model):  # --overlap-param-gather: this step's weights, not the last
+        return _save(args, state, model, optimizer, scheduler, partial, final)
+
+
+def _save(args, state, model, optimizer, scheduler, partial: str, final: str) -> str:
+    rank0 = dist.get_rank() == 0
     model_sd = _model_state(model)
     sharded = {
         "model": model_sd,

@@ -71,24 +71,85 @@ def _is_cuda_device(device) -> bool:
 _KEEP = (torch.Tensor.cuda, torch.Tensor.pin_memory)
 _CPU = torch.device("cpu")
 _NOOP = (torch.Tensor.record_stream,)
+_TO_HOST = (torch.Tensor.cpu, torch.Tensor.to)
+
+
+def _targets_cuda(func, args, kwargs, device_semantics) -> bool:
+    if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+        return True
+    if func is torch.Tensor.to and len(args) > 1:
+        target = args[1]
+        if torch.is_tensor(target):  # .to(other): other's device
+            return device_semantics is not None and device_semantics.is_device(target)
+        return _is_cuda_device(target)
+    return func is torch.Tensor.cuda
+
+
+def _targets_host(func, args, kwargs) -> bool:
+    if func is torch.Tensor.cpu:
+        return True
+    if func is not torch.Tensor.to:
+        return False
+    target = kwargs.get("device", args[1] if len(args) > 1 else None)
+    if torch.is_tensor(target):
+        return False
+    return (
+        target is not None and not isinstance(target, torch.dtype) and not _is_cuda_device(target)
+    )
 
 
 class _CudaAsCpu(TorchFunctionMode):
-    """Rewrites CUDA placements to the CPU (see the module docstring, point 1)."""
+    """Rewrites CUDA placements to the CPU (see the module docstring, point 1).
+
+    ``device_semantics`` (``megatron_ext.gpu_rules``) makes the rewritten placements behave as
+    on a GPU: what was placed on CUDA is tagged as device memory, host<->device moves copy."""
+
+    def __init__(self, device_semantics=None):
+        super().__init__()
+        self.device_semantics = device_semantics
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _KEEP:
-            return args[0]
-        if func in _NOOP:
-            return None
+        dev = self.device_semantics
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
-            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = {**kwargs, "device": "cpu"}
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
+            on_gpu = dev is None or dev.is_device(args[0])
+            return (
+                name.replace("torch.", "torch.cuda.", 1)
+                if on_gpu and ".cuda." not in name
+                else name
+            )
+        if func in _NOOP:
+            return None
+        if dev is None:
+            if func in _KEEP:
+                return args[0]
+            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                kwargs = {**kwargs, "device": "cpu"}
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
+            return func(*args, **kwargs)
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if _targets_cuda(func, args, kwargs, dev):
+            if func is torch.Tensor.cuda:
+                return dev.to_device(args[0], args[0])
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": "cpu"}
+            if func is torch.Tensor.to and len(args) > 1:
+                args = (
+                    args[0],
+                    "cpu" if not torch.is_tensor(args[1]) else dev.plain(args[1]),
+                    *args[2:],
+                )
+            return dev.to_device(func(*args, **kwargs), *args)
+        if (
+            func in _TO_HOST
+            and args
+            and dev.is_device(args[0])
+            and _targets_host(func, args, kwargs)
+        ):
+            return dev.to_host(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -172,8 +233,25 @@ def is_enabled() -> bool:
     return "mode" in _state
 
 
-def enable() -> None:
-    """Switch CPU mode on for this process (idempotent). Call before building any model."""
+def _keep_mode_in_backward(original, mode):
+    """The autograd engine entry point, run with ``mode`` pushed: PyTorch pops a function mode
+    while the mode handles a call, and ``Tensor.backward`` is such a call, so without this
+    the custom ``backward``s and DDP hooks the engine runs would see no mode at all."""
+
+    def run(*args, **kwargs):
+        if any(m is mode for m in torch.overrides._get_current_function_mode_stack()):
+            return original(*args, **kwargs)
+        with mode:
+            return original(*args, **kwargs)
+
+    return run
+
+
+def enable(device_semantics=None) -> None:
+    """Switch CPU mode on for this process (idempotent). Call before building any model.
+
+    ``device_semantics``: ``megatron_ext.gpu_rules`` passes its tagging hooks here (what was
+    placed on CUDA becomes tagged device memory); plain CPU mode leaves it None."""
     if is_enabled():
         return
     if torch.cuda.is_available() and os.environ.get(ENV_VAR) != "force":
@@ -185,7 +263,11 @@ def enable() -> None:
     for owner, name, new in _patches():
         originals.append((owner, name, getattr(owner, name, None)))
         setattr(owner, name, new)
-    mode = _CudaAsCpu()
+    mode = _CudaAsCpu(device_semantics)
+    originals.append((torch.autograd, "_engine_run_backward", torch.autograd._engine_run_backward))
+    torch.autograd._engine_run_backward = _keep_mode_in_backward(
+        torch.autograd._engine_run_backward, mode
+    )
     mode.__enter__()
     rng_filter = _DropForkRngWarning()
     logging.getLogger(_RNG_LOGGER).addFilter(rng_filter)

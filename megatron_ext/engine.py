@@ -7,6 +7,7 @@ the (distributed) optimizer, ``OptimizerParamScheduler``); this module only wire
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from datetime import timedelta
 
@@ -69,7 +70,12 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
         overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=True,
-        bucket_size=None if args.cpu else 40_000_000,
+        # None: Megatron-Core's max(40M, 1M x DP) elements when overlapping, else one bucket.
+        bucket_size=args.ddp_bucket_size,
+        # With --overlap-param-gather the pipeline schedule dispatches each chunk's param
+        # all-gather (param_sync_func below); the forward pre-hooks must then not dispatch the
+        # next bucket themselves, or the schedule finds a gather already in flight.
+        align_param_gather=args.align_param_gather,
     )
     model = [
         DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
@@ -114,12 +120,31 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-    if args.overlap_grad_reduce:
+    if args.overlap_grad_reduce and args.align_grad_reduce:
         config.grad_sync_func = [m.start_grad_sync for m in model]
         if len(model) == 1:
             config.grad_sync_func = config.grad_sync_func[0]
-    if args.overlap_param_gather and args.use_distributed_optimizer:
+    if args.overlap_param_gather and args.align_param_gather:  # both, as Megatron-LM
         config.param_sync_func = [m.start_param_sync for m in model]
         if len(model) == 1:
             config.param_sync_func = config.param_sync_func[0]
     return model, optimizer, scheduler
+
+
+@contextlib.contextmanager
+def params_synced(model):
+    """Model weights that equal the optimizer's, for as long as the block runs.
+
+    With ``--overlap-param-gather`` the distributed optimizer's step updates only each rank's
+    shard; the other shards arrive by the all-gathers the next forward pass starts. A save (or
+    an evaluation) between the two would see weights one step old. As Megatron-LM does around
+    save and evaluation: remove the forward pre-hooks with a synchronous param all-gather,
+    and put them back afterwards."""
+    hooked = [m for m in model if getattr(m, "use_forward_hook", False)]
+    for m in hooked:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m.enable_forward_pre_hook()

@@ -9,6 +9,7 @@ heads and query groups divisible by TP; global batch divisible by micro batch x 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 
 class LayoutError(ValueError):
@@ -114,6 +115,12 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         )
     _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive")
     _require(
+        not args.overlap_param_gather
+        or (args.use_distributed_optimizer and args.overlap_grad_reduce),
+        "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce "
+        "(as in Megatron-LM)",
+    )
+    _require(
         args.seq_length <= args.max_position_embeddings,
         f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
         f"{args.max_position_embeddings}",
@@ -149,6 +156,68 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         args.lr_decay_iters = args.train_iters
     if args.transformer_impl is None:
         args.transformer_impl = "local" if args.cpu else "transformer_engine"
+    args.masked_softmax_fusion = False  # check_environment() turns it on where it can run
+
+
+def check_environment(args: argparse.Namespace) -> None:
+    """What the flags need from THIS machine, checked at start-up before anything is built (the
+    planner and dry runs parse cluster command lines on machines without GPUs, so this is
+    apart from :func:`validate`): Transformer Engine for its spec and FP8, a Blackwell GPU for
+    MXFP8, and apex's softmax kernels for the local attention's fused softmax."""
+    te = importlib.util.find_spec("transformer_engine") is not None
+    _require(
+        te or args.transformer_impl != "transformer_engine",
+        "--transformer-impl transformer_engine (the default on GPUs) needs Transformer Engine "
+        "(pip install 'megatron-mixtral[gpu]', or an NGC PyTorch container); pass "
+        "--transformer-impl local to run without it",
+    )
+    if args.fp8_format and not args.cpu:
+        _require(
+            te,
+            "--fp8-format needs Transformer Engine (pip install 'megatron-mixtral[gpu]', or an "
+            "NGC PyTorch container)",
+        )
+        cap = _gpu_capability()
+        _require(
+            args.fp8_recipe != "mxfp8" or cap is None or cap >= (10, 0),
+            f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer), this "
+            f"one is {cap[0] if cap else '?'}.{cap[1] if cap else '?'}: use --fp8-recipe "
+            "delayed, tensorwise or blockwise",
+        )
+    args.masked_softmax_fusion = _masked_softmax_fusion(args)
+
+
+def _gpu_capability() -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+# Megatron's FusedScaleMaskSoftmax imports these apex-built kernels (NGC containers have them;
+# pip installs of PyTorch and Megatron-Core do not).
+FUSED_SOFTMAX_KERNELS = (
+    "scaled_masked_softmax_cuda",
+    "scaled_upper_triang_masked_softmax_cuda",
+    "scaled_softmax_cuda",
+)
+
+
+def fused_softmax_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in FUSED_SOFTMAX_KERNELS)
+
+
+def _masked_softmax_fusion(args: argparse.Namespace) -> bool:
+    """Fuse the local attention's softmax only on GPUs whose install has the kernels; say so
+    once when they are missing (the first attention forward would fail on the import)."""
+    if args.cpu or args.transformer_impl != "local" or args.no_masked_softmax_fusion:
+        return False
+    if fused_softmax_available():
+        return True
+    args.notices.append(
+        "masked softmax fusion is off: apex's scaled_masked_softmax_cuda kernels are not "
+        "installed (NGC PyTorch containers have them); attention uses PyTorch's softmax"
+    )
+    return False
 
 
 def unhonoured(args: argparse.Namespace) -> list[str]:
@@ -171,8 +240,13 @@ def unhonoured(args: argparse.Namespace) -> list[str]:
             )
         if args.bf16:
             notes.append("--bf16 on CPU: supported but slow; use it to rehearse, fp32 to test")
-    if args.no_masked_softmax_fusion:
-        notes.append("--no-masked-softmax-fusion: the local attention path never fuses softmax")
+    if args.no_masked_softmax_fusion and args.transformer_impl != "local":
+        notes.append(
+            "--no-masked-softmax-fusion: no effect with --transformer-impl "
+            f"{args.transformer_impl} (Transformer Engine's attention picks its own kernels)"
+        )
+    elif args.no_masked_softmax_fusion and args.cpu:
+        notes.append("--no-masked-softmax-fusion: CPU ranks never fuse the softmax")
     if args.wandb_project or args.wandb_exp_name:
         notes.append("--wandb-project/--wandb-exp-name: W&B is not wired in; use --tensorboard-dir")
     if args.num_workers:

@@ -16,12 +16,43 @@ not credited for experts it did not run.
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 import torch
 
-# Dense peak TFLOP/s of an H100 SXM (NVIDIA datasheet, without sparsity).
-H100_PEAK_TFLOPS = {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7}
+
+def _peaks(bf16: float, fp8: float | None, tf32: float) -> dict[str, float]:
+    out = {"bf16": bf16, "fp16": bf16, "fp32": tf32}  # fp32 matmuls: the TF32 tensor-core peak
+    if fp8:
+        out["fp8"] = fp8
+    return out
+
+
+# Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's datasheets, by the name
+# torch.cuda.get_device_name() reports; first match wins, so the more specific names come
+# first ("GH200" before "H200", "H100 PCIe" before "H100"; "H20" must not match "H200").
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    (r"GB200", _peaks(2500.0, 5000.0, 1250.0)),
+    (r"B200", _peaks(2250.0, 4500.0, 1125.0)),
+    (r"GH200", _peaks(989.4, 1978.9, 494.7)),
+    (r"H200 NVL", _peaks(835.5, 1670.5, 417.5)),
+    (r"H200", _peaks(989.4, 1978.9, 494.7)),  # SXM: the H100 SXM's compute, more memory
+    (r"H100 PCIe", _peaks(756.0, 1513.0, 378.0)),
+    (r"H100 NVL", _peaks(835.5, 1670.5, 417.5)),
+    (r"H100|H800", _peaks(989.4, 1978.9, 494.7)),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bH20\b", _peaks(148.0, 296.0, 74.0)),
+    (r"L40S", _peaks(362.1, 733.0, 183.0)),
+    (r"A100|A800", _peaks(312.0, None, 156.0)),
+)
+
+
+def device_peak(name: str, precision: str) -> float | None:
+    """Peak TFLOP/s of GPU ``name`` at ``precision`` (bf16, fp16, fp8, fp32), None if unknown."""
+    for pattern, peaks in PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return peaks.get(precision)
+    return None
 
 
 def training_flops_per_token(args: argparse.Namespace) -> float:
@@ -39,15 +70,17 @@ def training_flops_per_token(args: argparse.Namespace) -> float:
     return 3.0 * forward
 
 
+def precision_of(args: argparse.Namespace) -> str:
+    return "fp8" if args.fp8_format else "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
 def peak_tflops(args: argparse.Namespace) -> float | None:
+    """``--peak-tflops``, else this GPU's datasheet peak (None on CPU or an unknown GPU)."""
     if args.peak_tflops:
         return args.peak_tflops
     if args.cpu or not torch.cuda.is_available():
         return None
-    if "H100" not in torch.cuda.get_device_name():
-        return None
-    key = "fp8" if args.fp8_format else "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    return H100_PEAK_TFLOPS[key]
+    return device_peak(torch.cuda.get_device_name(), precision_of(args))
 
 
 def expert_load(stats: dict) -> dict[int, dict]:

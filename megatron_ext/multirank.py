@@ -4,9 +4,13 @@
 
 ``body(*args)`` runs in every rank with ``torch.distributed`` initialised over gloo (a free
 localhost port is chosen), ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set and, by default, CPU mode
-on. Its return values come back as a list indexed by rank. If any rank raises, every rank is
-stopped and a ``MultiRankError`` names the failing rank(s) with their tracebacks; a run that
-outlasts ``timeout`` seconds (a hang in a collective, say) is killed and reported the same way.
+on. ``gpu_rules=True`` (or a ``gpu_rules.DeviceSpec``) runs each rank under the GPU rules instead
+(``megatron_ext.gpu_rules``): every rank believes it has its own GPU, the default group is an
+NCCL group that refuses host tensors, and the body should take the GPU code path (no ``--cpu``).
+
+Return values come back as a list indexed by rank. If any rank raises, every rank is stopped
+and a ``MultiRankError`` names the failing rank(s) with their tracebacks; a run that outlasts
+``timeout`` seconds (a hang in a collective, say) is killed and reported the same way.
 
 Children come from a fork server that has already imported torch and Megatron-Core, so a rank
 starts in well under a second instead of re-importing everything; ``body`` must be importable by
@@ -32,7 +36,13 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-_PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state", "megatron_ext.cpu_mode"]
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "megatron.core.parallel_state",
+    "megatron_ext.cpu_mode",
+    "megatron_ext.gpu_rules",
+]
 
 
 class MultiRankError(RuntimeError):
@@ -70,7 +80,7 @@ def _to_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
+def _child(fn, rank, world_size, port, args, kwargs, cpu, rules, threads, results):
     os.setpgrp()  # own process group: the parent can kill whatever this rank starts
     os.environ.update(
         RANK=str(rank),
@@ -85,11 +95,17 @@ def _child(fn, rank, world_size, port, args, kwargs, cpu, threads, results):
 
     torch.set_num_threads(threads)
     try:
-        if cpu:
+        backend = "gloo"
+        if rules:
+            from megatron_ext import gpu_rules
+
+            gpu_rules.enable(*(() if rules is True else (rules,)))
+            backend = "nccl"  # gloo underneath, with NCCL's rules (gpu_rules.collectives)
+        elif cpu:
             from megatron_ext import cpu_mode
 
             cpu_mode.enable()
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         out = fn(*args, **kwargs)
         try:  # plain data, never shared storage (see the module docstring)
             payload = _to_bytes(out)
@@ -129,6 +145,7 @@ def run_on_ranks(
     *,
     timeout: float = 300.0,
     cpu: bool = True,
+    gpu_rules=False,
     threads: int | None = None,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's result."""
@@ -139,7 +156,18 @@ def run_on_ranks(
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, r, world_size, port, tuple(args), kwargs or {}, cpu, threads, results),
+            args=(
+                fn,
+                r,
+                world_size,
+                port,
+                tuple(args),
+                kwargs or {},
+                cpu,
+                gpu_rules,
+                threads,
+                results,
+            ),
             daemon=False,  # ranks may start processes of their own (dist_checkpointing does)
         )
         for r in range(world_size)

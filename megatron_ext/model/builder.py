@@ -65,7 +65,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         init_method_std=args.init_method_std,
         attention_dropout=args.attention_dropout,
         hidden_dropout=args.hidden_dropout,
-        masked_softmax_fusion=not args.no_masked_softmax_fusion and not args.cpu,
+        masked_softmax_fusion=args.masked_softmax_fusion,  # layout.py: only if the kernels exist
         window_size=window,
         # mixture of experts (our SMoE layer reads these)
         num_moe_experts=args.num_experts,

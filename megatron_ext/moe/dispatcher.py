@@ -8,9 +8,11 @@ Dispatch (no token is ever dropped):
 
 1. ``sorted_pair_N = stable_argsort(topk_ids_TK.flatten())``: (token, choice) pairs sorted by
    expert, ties in token order; ``x_NH = x_TH[sorted_pair_N // K]`` (one gather).
-2. ``counts_E = bincount(topk_ids)``; with P>1 one ``all_gather`` of ``counts_E`` gives the
-   ``[P, E]`` count matrix on every rank and ONE device->host copy turns it into the split sizes
-   (the only sync): rank p sends ``sum_{e owned by q} counts[p, e]`` rows to rank q.
+2. ``counts_E[e] = searchsorted(sorted_ids, e + 1) - searchsorted(sorted_ids, e)`` on the
+   sorted expert ids (no host sync: CUDA's ``bincount`` would make two); with P>1 one
+   ``all_gather`` of ``counts_E`` gives the ``[P, E]`` count matrix on every rank and ONE
+   device->host copy turns it into the split sizes (the only sync of the layer): rank p sends
+   ``sum_{e owned by q} counts[p, e]`` rows to rank q.
 3. ``all_to_all_single`` with those uneven splits (differentiable: backward is the reverse
    all-to-all). Rows arrive ordered (source rank, local expert); one gather regroups them to
    (local expert, source rank) so every local expert owns one contiguous slice.
@@ -139,6 +141,13 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perm).scatter_(0, perm, arange)
 
 
+def expert_counts(sorted_ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``counts_E[e]`` = occurrences of ``e`` in the sorted ids: differences of their
+    boundaries, ``searchsorted(ids, arange(E + 1))`` (int64, no host sync)."""
+    edges = torch.arange(num_experts + 1, device=sorted_ids_N.device, dtype=sorted_ids_N.dtype)
+    return torch.diff(torch.searchsorted(sorted_ids_N, edges))
+
+
 def _permute(x, fwd_idx, bwd_idx, fold: int = 1):
     return _Permute.apply(x, fwd_idx, bwd_idx, fold)
 
@@ -172,11 +181,11 @@ def dispatch(
     """
     num_tokens, k = topk_ids_TK.shape
     ids_N = topk_ids_TK.reshape(-1)
-    sorted_pair_N = torch.argsort(ids_N, stable=True)
+    sorted_ids_N, sorted_pair_N = torch.sort(ids_N, stable=True)
     pair_to_sorted_N = _inverse(sorted_pair_N)
     sorted_token_N = sorted_pair_N // k
     x_NH = _permute(x_TH, sorted_token_N, pair_to_sorted_N, fold=k)
-    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    counts_E = expert_counts(sorted_ids_N, num_experts)
 
     p = group_size(ep_group)
     if p == 1:

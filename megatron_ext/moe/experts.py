@@ -11,11 +11,11 @@ Parameters (``nn.Linear`` convention ``[out, in]``, the layout of HF Mixtral's e
 
 ``y_MH = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ`` per expert; with ETP>1 the result is a partial sum over
 the FFN shards that the layer reduces over TP. :func:`expert_mlp` runs all local experts as
-two ``torch._grouped_mm`` around one SwiGLU on CUDA (bf16/fp16, sm90+), and elsewhere (CPU)
+two ``torch._grouped_mm`` around one SwiGLU on CUDA (bf16, sm90), and elsewhere (CPU)
 as one autograd node looping over experts (:class:`_LoopExperts`: each expert's whole MLP at
 once, cache-resident; faster than one dense MLP over the same rows). With FP8
 (``config.fp8``) Transformer Engine's ``GroupedLinear`` runs the same stacked weights
-(import-guarded; untested here).
+(``fp8_experts.py``; tested against a recording fake of TE).
 
 Parameters carry ``allreduce = False`` (Megatron's DDP and distributed optimizer then reduce
 their grads over the expert-data-parallel group only) and the tensor-parallel attributes.
@@ -38,6 +38,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megatron_ext.moe.dispatcher import MoEGroups, group_rank, group_size
+from megatron_ext.moe.fp8_experts import TEExperts
 
 
 class _LoopExperts(torch.autograd.Function):
@@ -98,16 +99,29 @@ class _LoopExperts(torch.autograd.Function):
         return dx_MH, dw13, dw2, None
 
 
-def _use_torch_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+def grouped_mm_eligible(dtype, capability: tuple[int, int], hidden: int, ffn_shard: int) -> bool:
+    """Whether ``torch._grouped_mm``'s CUTLASS kernel runs our expert GEMMs: bf16 on Hopper
+    (sm90) only, and every operand's leading stride a multiple of 16 bytes (8 bf16 elements).
+
+    fp16/fp32 would run PyTorch's per-group fallback (a host copy of the offsets and one GEMM
+    per expert, slower than our loop); on sm100 zero-size groups are known to give non-zero
+    weight gradients (pytorch#172439). Strides: ``x [M, H]`` and ``w13ᵀ [L, H, 2F]`` need
+    ``H % 8`` and ``2F % 8``, ``swiglu(h) [M, F]`` and ``w2ᵀ [L, F, H]`` need ``F % 8``.
+    """
     return (
-        x.is_cuda
-        and x.dtype in (torch.bfloat16, torch.float16)
+        dtype == torch.bfloat16
+        and capability[0] == 9
+        and hidden % 8 == 0
+        and ffn_shard % 8 == 0
         and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
-        and x.shape[0] > 0
-        and w.shape[-1] % 8 == 0
-        and w.shape[-2] % 8 == 0
     )
+
+
+def _use_torch_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    if not x.is_cuda or x.shape[0] == 0:
+        return False
+    capability = torch.cuda.get_device_capability(x.device)
+    return grouped_mm_eligible(x.dtype, capability, w13.shape[-1], w2.shape[-1])
 
 
 def _grouped_mm(x_MK, w_LNK, splits_L: torch.Tensor) -> torch.Tensor:
@@ -119,10 +133,10 @@ def _grouped_mm(x_MK, w_LNK, splits_L: torch.Tensor) -> torch.Tensor:
 def expert_mlp(x_MH, w13_LFH, w2_LHF, splits: tuple[int, ...], splits_L: torch.Tensor):
     """``y_MH``: SwiGLU expert e on its ``splits[e]`` consecutive rows of ``x_MH``.
 
-    CUDA bf16/fp16 (sm90+): two ``torch._grouped_mm`` around one SwiGLU over all rows;
-    elsewhere (CPU, older GPUs, fp32): :class:`_LoopExperts`.
+    CUDA bf16 on sm90: two ``torch._grouped_mm`` around one SwiGLU over all rows;
+    elsewhere (CPU, other GPUs, fp16, fp32, F or H not multiples of 8): :class:`_LoopExperts`.
     """
-    if _use_torch_grouped_mm(x_MH, w13_LFH):
+    if _use_torch_grouped_mm(x_MH, w13_LFH, w2_LHF):
         h_MF2 = _grouped_mm(x_MH, w13_LFH, splits_L)
         return _grouped_mm(swiglu(h_MF2), w2_LHF, splits_L)
     return _LoopExperts.apply(x_MH, w13_LFH, w2_LHF, tuple(splits))
@@ -155,14 +169,6 @@ def swiglu(h_MF2: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(h_MF2)
 
 
-def _te_grouped_linear():
-    try:  # Transformer Engine is optional (CUDA only)
-        import transformer_engine.pytorch as te
-    except ImportError:
-        return None
-    return te
-
-
 class GroupedExperts(torch.nn.Module):
     """This rank's L SwiGLU experts (see the module docstring for the layout)."""
 
@@ -190,9 +196,11 @@ class GroupedExperts(torch.nn.Module):
         for param, tp_dim in ((self.w13, 1), (self.w2, 2)):
             param.allreduce = False  # expert params: grads reduced over expert-DP only
             set_tensor_model_parallel_attributes(param, True, tp_dim, 1)
-        self.te_fc = None
+        self.te = None  # FP8: Transformer Engine's grouped GEMMs on the same weights
         if getattr(config, "fp8", None):
-            self.te_fc = self._build_te(config, device)
+            self.te = TEExperts(
+                self.num_local, self.hidden, self.ffn_shard, config.params_dtype, device
+            )
 
     @torch.no_grad()
     def _initialize(self, config) -> None:
@@ -231,32 +239,10 @@ class GroupedExperts(torch.nn.Module):
                 config.init_method(self.w13[local, fs:])
                 config.output_layer_init_method(self.w2[local])
 
-    def _build_te(self, config, device):
-        te = _te_grouped_linear()
-        if te is None:
-            raise RuntimeError("config.fp8 needs Transformer Engine (pip install .[gpu])")
-        kw = dict(bias=False, params_dtype=config.params_dtype, device=device)
-        fc1 = te.GroupedLinear(self.num_local, self.hidden, 2 * self.ffn_shard, **kw)
-        fc2 = te.GroupedLinear(self.num_local, self.ffn_shard, self.hidden, **kw)
-        for fc in (fc1, fc2):  # TE's own weights are replaced by views of w13 / w2 per call
-            for i in range(self.num_local):
-                del fc._parameters[f"weight{i}"]
-        pad = (te.Fp8Padding(self.num_local), te.Fp8Unpadding(self.num_local))
-        return {"fc1": fc1, "fc2": fc2, "pad": pad}  # a dict: not registered as submodules
-
-    def _forward_te(self, x_MH, splits):
-        fc1, fc2, (pad, unpad) = self.te_fc["fc1"], self.te_fc["fc2"], self.te_fc["pad"]
-        for fc, w in ((fc1, self.w13), (fc2, self.w2)):
-            for i, w_i in enumerate(w.unbind(0)):
-                setattr(fc, f"weight{i}", w_i)
-        x_pad, padded = pad(x_MH, list(splits))  # FP8 GEMMs need 16-row aligned groups
-        h = swiglu(fc1(x_pad, padded))
-        return unpad(fc2(h, padded), list(splits))
-
     def forward(self, x_MH, splits: tuple[int, ...], splits_L: torch.Tensor) -> torch.Tensor:
         """Run the local experts on rows grouped by local expert (``splits`` rows each)."""
-        if self.te_fc is not None:
-            return self._forward_te(x_MH, splits)
+        if self.te is not None:
+            return self.te(x_MH, self.w13, self.w2, splits, swiglu, _LoopExperts.apply)
         return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L)
 
     # ------------------------------------------------------------------ checkpointing
@@ -277,6 +263,8 @@ class GroupedExperts(torch.nn.Module):
                 partial(_merge_experts, parts=parts),
                 replica_id,
             )
+        if self.te is not None:
+            out.update(self.te.sharded_state_dict(f"{prefix}te.", sharded_offsets, self.groups))
         return out
 
     def _expert_offsets(self, sharded_offsets, local):

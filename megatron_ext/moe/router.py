@@ -189,18 +189,26 @@ class TopKRouter(torch.nn.Module):
             self.expert_bias = None
             self.local_tokens_per_expert = None
 
-    def _keep_bias_fp32(self) -> None:
-        # Float16Module casts every floating buffer to bf16/fp16; the bias moves in steps of
-        # ~1e-3 and must stay fp32 (Megatron's router does the same).
-        for name in ("expert_bias", "local_tokens_per_expert"):
-            buf = getattr(self, name)
-            if buf is not None and buf.dtype != torch.float32:
-                buf.data = buf.data.float()
+    def _apply(self, fn, recurse=True):
+        """Keep ``expert_bias`` and its counts fp32, values untouched: ``Float16Module`` casts
+        every floating buffer to bf16/fp16 when it wraps the model, before a checkpoint loads
+        into them; a bf16 buffer would round the loaded bias (it moves in steps of ~1e-3) and
+        make ``--bf16`` resume inexact. Device moves still apply."""
+        kept = {
+            n: b
+            for n in ("expert_bias", "local_tokens_per_expert")
+            if (b := getattr(self, n)) is not None
+        }
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old if old.device == new.device else new.float()
+        return self
 
     def forward(self, x_TH: torch.Tensor, weight_EH: torch.Tensor | None = None) -> Routing:
         """Route ``x_TH``. ``weight_EH`` overrides ``self.weight`` (the layer passes the weight
         through a TP all-reduce-on-backward op)."""
-        self._keep_bias_fp32()
         logits_TE = gate_logits(x_TH, self.weight if weight_EH is None else weight_EH)
         return topk_route(
             logits_TE,

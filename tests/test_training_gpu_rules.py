@@ -1,0 +1,220 @@
+"""pretrain_mixtral.py on its GPU path (no --cpu) under the GPU rules, at several layouts.
+
+Every rank believes it has a GPU (``run_on_ranks(..., gpu_rules=True)``): the model is built
+with GPU settings (device initialisation, fused bias-dropout, pipeline output deallocation,
+the fused softmax choice), NCCL groups refuse host tensors and host syncs are counted. All
+layouts start from one set of weights (saved by a CPU-mode rank) and must give the losses of
+the CPU path at one rank (fp32), eval and checkpoints included.
+"""
+
+import warnings
+
+import pytest
+import torch
+from ckpt_helpers import COMMON, train
+
+from megatron_ext.multirank import run_on_ranks
+
+GPU = COMMON.replace("--cpu ", "") + " --transformer-impl local"
+RTOL = 1e-5
+
+
+def flags(*parts: str) -> list[str]:
+    return " ".join(parts).split()
+
+
+def on_gpu_path(world, *parts, timeout=600):
+    return run_on_ranks(
+        train, world, args=(flags(GPU, *parts), None), gpu_rules=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Initial weights made by a CPU-mode rank (one step at lr 0 leaves them unchanged)."""
+    path = str(tmp_path_factory.mktemp("reference"))
+    run_on_ranks(train, 1, args=(flags(COMMON, f"--train-iters 1 --lr 0 --save {path}"), None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cpu_losses(reference):
+    argv = flags(COMMON, f"--train-iters 3 --load {reference} --finetune")
+    return run_on_ranks(train, 1, args=(argv, None))[0]
+
+
+OVERLAP = (
+    "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather"
+    " --ddp-bucket-size 20000"  # several buckets per chunk: multi-bucket overlap
+)
+LAYOUTS = {
+    "1 rank": (1, ""),
+    "TP2xEP2 +SP": (
+        4,
+        "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --sequence-parallel",
+    ),
+    "PP2xDP2xEP2 overlap + eval": (
+        4,
+        f"--pipeline-model-parallel-size 2 --expert-model-parallel-size 2 {OVERLAP}"
+        " --eval-iters 1 --eval-interval 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_gpu_path_gives_the_cpu_losses(name, reference, cpu_losses):
+    world, layout = LAYOUTS[name]
+    losses = on_gpu_path(world, f"--train-iters 3 --load {reference} --finetune", layout)[-1]
+    assert losses == pytest.approx(cpu_losses, rel=RTOL)
+
+
+def test_save_and_resume_on_the_gpu_path_equals_an_uninterrupted_run(reference, tmp_path):
+    """With --overlap-param-gather the save must hold this step's weights (not the last
+    step's, as the all-gather of the updated shards only starts with the next forward)."""
+    layout = f"--pipeline-model-parallel-size 2 --expert-model-parallel-size 2 {OVERLAP}"
+    layout += " --eval-iters 1 --eval-interval 2"
+    save = tmp_path / "ckpt"
+    whole = on_gpu_path(
+        4, layout, f"--train-iters 4 --load {reference} --finetune --save {save} --save-interval 2"
+    )[-1]
+    resumed = on_gpu_path(4, layout, f"--train-iters 4 --load {save / 'iter_0000002'}")[-1]
+    assert len(whole) == 4 and len(resumed) == 2
+    assert resumed == pytest.approx(whole[2:], rel=1e-6)
+
+
+def _saved_model(path):
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load_plain_tensors(path)
+    return {k: v for k, v in state.items() if k.startswith(("decoder.", "embedding.", "output_"))}
+
+
+def test_overlap_param_gather_saves_the_current_weights(reference, tmp_path):
+    dp2 = "--use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 20000"
+    for name, extra in (("plain", ""), ("overlap", "--overlap-param-gather")):
+        on_gpu_path(
+            2, dp2, extra, f"--train-iters 2 --load {reference} --finetune --save {tmp_path / name}"
+        )
+    plain, overlap = (
+        run_on_ranks(_saved_model, 1, args=(str(tmp_path / n / "iter_0000002"),))[0]
+        for n in ("plain", "overlap")
+    )
+    assert plain.keys() == overlap.keys() and len(plain) == 10
+    stale = [k for k in plain if not (plain[k] - overlap[k]).abs().max() <= 1e-6]
+    assert not stale, stale
+
+
+def _train_recording(argv):
+    """Train; return the losses, the rules' grouped-GEMM counts and the warnings raised."""
+    from megatron_ext import gpu_rules
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = train(argv)
+    return losses, dict(gpu_rules.rules().grouped_mm), [str(w.message) for w in caught]
+
+
+def test_bf16_on_the_gpu_path_trains_with_grouped_gemms():
+    """bf16 on a GPU without apex's softmax kernels: no fused softmax (its import killed the
+    first attention forward), the experts take the grouped GEMM."""
+    argv = flags(GPU, "--bf16 --train-iters 3")
+    losses, grouped, _ = run_on_ranks(_train_recording, 1, args=(argv,), gpu_rules=True)[0]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert grouped.get("fast", 0) > 0 and "fallback" not in grouped
+
+
+def test_interleaved_pipeline_param_gathers_are_dispatched_once():
+    """--overlap-param-gather with virtual stages: the schedule dispatches each chunk's param
+    all-gathers (align_param_gather, as Megatron-LM); without it the forward hooks also
+    dispatched them and Megatron warned that the gather was already in flight."""
+    argv = flags(
+        GPU, "--num-layers 4 --pipeline-model-parallel-size 2",
+        "--num-layers-per-virtual-pipeline-stage 1 --global-batch-size 16 --train-iters 2",
+        OVERLAP,
+    )  # fmt: skip
+    for _, _, caught in run_on_ranks(_train_recording, 4, args=(argv,), gpu_rules=True):
+        assert not [m for m in caught if "already been dispatched" in m]
+
+
+def _softmax_choice(with_kernels):
+    import importlib.machinery
+    import sys
+    import types
+
+    from megatron_ext.arguments import check_environment, parse_args
+    from megatron_ext.layout import FUSED_SOFTMAX_KERNELS
+
+    if with_kernels:
+        for name in FUSED_SOFTMAX_KERNELS:
+            sys.modules[name] = types.ModuleType(name)
+            sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+    args = parse_args(flags(GPU, "--bf16 --train-iters 1"))
+    check_environment(args)
+    return args.masked_softmax_fusion, args.notices
+
+
+@pytest.mark.parametrize("with_kernels", [False, True])
+def test_softmax_fusion_only_where_apex_kernels_exist(with_kernels):
+    fused, notices = run_on_ranks(_softmax_choice, 1, args=(with_kernels,), gpu_rules=True)[0]
+    assert fused is with_kernels
+    said = [n for n in notices if "masked softmax fusion is off" in n]
+    assert len(said) == (0 if with_kernels else 1)
+
+
+def _bias_dropout_add(p):
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+    torch.manual_seed(0)
+    x, bias, residual = torch.randn(64, 2, 32), torch.randn(32), torch.randn(64, 2, 32)
+    out = {}
+    for fused in (True, False):
+        xs = [t.clone().requires_grad_() for t in (x, bias, residual)]
+        y = get_bias_dropout_add(True, fused)((xs[0], xs[1]), xs[2], p)
+        y.square().sum().backward()
+        out[fused] = (y.detach(), *(t.grad for t in xs))
+    return out
+
+
+@pytest.mark.slow
+def test_fused_bias_dropout_add_compiles_on_cpu_and_matches():
+    """bias_dropout_fusion (on for GPUs) is Megatron's torch.compile'd function: under the
+    GPU rules it runs eagerly (Dynamo cannot trace the device-tensor subclass), so its
+    compiled form is checked here, on plain CPU tensors with PyTorch's inductor."""
+    out = run_on_ranks(_bias_dropout_add, 1, args=(0.0,), cpu=False, timeout=600)[0]
+    for got, want in zip(out[True], out[False], strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    dropped = run_on_ranks(_bias_dropout_add, 1, args=(0.5,), cpu=False, timeout=600)[0][True][0]
+    assert dropped.shape == (64, 2, 32)
+
+
+def test_expert_bias_resumes_exactly_in_bf16(tmp_path):
+    """--moe-router-enable-expert-bias --bf16: the bias stays fp32 through Float16Module, so a
+    resumed run continues with the very bias that was saved (a bf16 buffer rounded the loaded
+    +-0.01 steps to 0.0100098 and the runs drifted apart). Resumed after one update, compared
+    after three: an odd number of +-rate steps cannot cancel out."""
+    bias = (
+        "--cpu --bf16 --moe-router-load-balancing-type none --moe-router-score-function sigmoid"
+        " --moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-2"
+    )
+    base = COMMON.replace("--cpu ", "")
+    whole_dir, resumed_dir = tmp_path / "whole", tmp_path / "resumed"
+    argv = flags(base, bias, f"--train-iters 3 --save {whole_dir} --save-interval 1")
+    whole = run_on_ranks(train, 1, args=(argv, None))[0]
+    argv = flags(base, bias, f"--train-iters 3 --load {whole_dir / 'iter_0000001'}")
+    argv += ["--save", str(resumed_dir)]
+    resumed = run_on_ranks(train, 1, args=(argv, None))[0]
+    assert resumed == pytest.approx(whole[1:], rel=1e-6)
+    final = [
+        run_on_ranks(_expert_bias, 1, args=(str(d / "iter_0000003"),))[0]
+        for d in (whole_dir, resumed_dir)
+    ]
+    assert final[0].dtype == final[1].dtype == torch.float32
+    assert final[0].abs().sum() > 0 and bool((final[0] == final[1]).all()), final
+
+
+def _expert_bias(path):
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load_plain_tensors(path)
+    (bias,) = [v for k, v in state.items() if k.endswith("router.expert_bias")]
+    return bias
