@@ -20,11 +20,12 @@ What it does, and why each piece is needed (every one was found by running Megat
      ``record_stream()`` are no-ops (both need a CUDA runtime);
    * ``Tensor.type()`` with no argument reports ``torch.cuda.<T>Tensor``: the optimizer,
      distributed optimizer and ``clip_grads`` assert ``param.type() == 'torch.cuda.FloatTensor'``.
+   The mode is also pushed around the autograd engine (``torch.autograd._engine_run_backward``):
+   PyTorch pops a function mode while the mode handles a call, and ``Tensor.backward`` is one,
+   so custom ``backward``s and DDP hooks would otherwise run without it.
 2. ``torch.cuda`` functions that would raise "Torch not compiled with CUDA enabled":
-   ``current_device`` returns ``torch.device("cpu")`` (not 0: while a torch function mode
-   handles a call PyTorch pops the mode, so everything inside ``torch.autograd.backward`` runs
-   without it, and Megatron's backward passes allocate with
-   ``device=torch.cuda.current_device()``; an int there would mean an accelerator),
+   ``current_device`` returns ``torch.device("cpu")`` (not 0: code that PyTorch runs with the
+   mode popped, inside its own Python functions, may still allocate on it),
    ``device_count`` 1, ``set_device``, ``synchronize``, ``empty_cache`` and ``nvtx`` ranges do
    nothing; ``Stream``, ``Event``, ``stream()``, ``current_stream()`` and ``default_stream()``
    are inert stand-ins (Megatron's alltoall dispatcher and DDP's overlap create side streams;
@@ -39,6 +40,9 @@ What it does, and why each piece is needed (every one was found by running Megat
 4. ``CudaRNGStatesTracker.fork`` warns "CPU RNG state changed within GPU RNG context" when the
    CPU generator moved inside a fork. Under CPU mode the CPU generator *is* the forked stream,
    so it always moves; a logging filter drops exactly that message (while the mode is on).
+
+``megatron_ext.gpu_rules`` builds on this mode (``enable(device_semantics=...)``): there, what
+is placed on CUDA is tagged as device memory and GPU rules are enforced (docs/gpu_rules.md).
 
 Nothing else is changed (gloo in torch 2.13 has every collective Megatron-Core uses here,
 including ``reduce_scatter_tensor`` for the distributed optimizer and uneven

@@ -32,6 +32,11 @@ def initialize(args: argparse.Namespace) -> None:
     if args.cpu:
         cpu_mode.enable()
     if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ and args.world_size == 1:
+            # `python pretrain_mixtral.py ...` without torchrun: one rank, a local rendezvous.
+            from megatron_ext.multirank import free_port
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if not args.cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(

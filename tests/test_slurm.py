@@ -28,6 +28,7 @@ SHELL_FILES = [
     "examples/mixtral_8x7b_64xh100.sh",
     "examples/mixtral_8x22b_128xh100.sh",
     "examples/rehearse.sh",
+    "bench/gpu_wheelhouse.sh",
 ]
 
 
