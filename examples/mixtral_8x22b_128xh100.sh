@@ -11,8 +11,8 @@
 # 16 GPUs, two nodes; and the planner puts stage 0 at about 80 GiB (docs/planner.md), so watch
 # the first iterations' memory. Paths come from the environment (defaults are placeholders).
 
-NODES=16
-GPUS_PER_NODE=8
+NODES="${NODES:-16}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"  # env wins (smaller nodes, tests)
 
 MODEL_ARGS=(
     --use-mcore-models

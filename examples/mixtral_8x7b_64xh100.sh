@@ -11,8 +11,8 @@
 # launcher passes those named in ARG_GROUPS, in that order, to pretrain_mixtral.py. Paths come
 # from the environment (the defaults are placeholders; the launcher sets CKPT_DIR per job).
 
-NODES=8
-GPUS_PER_NODE=8
+NODES="${NODES:-8}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"  # env wins (smaller nodes, tests)
 
 MODEL_ARGS=(
     --use-mcore-models

@@ -29,11 +29,13 @@ crash-safety tests use it; it is never set in normal runs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import signal
 import time
 from dataclasses import asdict, dataclass
+from multiprocessing.managers import SyncManager
 
 import numpy as np
 import torch
@@ -192,8 +194,30 @@ def save(args: argparse.Namespace, state: TrainState, model, optimizer, schedule
         return _save(args, state, model, optimizer, scheduler, partial, final)
 
 
+def _ignore_term() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def writer_helper_ignores_term() -> None:
+    """Start Megatron-Core's checkpoint-writer helper ourselves, ignoring SIGTERM, once.
+
+    Megatron's writer keeps a results queue in a helper process (a spawned multiprocessing
+    Manager, made at the first save). Slurm signals every process of a job step on preemption,
+    ``scontrol requeue`` or ``scancel``; a helper killed by that TERM made the very save the
+    TERM asks for fail (BrokenPipeError, an ``iter_N.partial`` left behind). The same queue,
+    from a Manager whose process ignores TERM, is put where Megatron looks for it; the queue
+    proxy keeps its Manager (and so the helper) alive, and the helper ends with this process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_ignore_term)
+        filesystem_async._results_queue = manager.Queue()
+
+
 def _save(args, state, model, optimizer, scheduler, partial: str, final: str) -> str:
     rank0 = dist.get_rank() == 0
+    writer_helper_ignores_term()
     model_sd = _model_state(model)
     sharded = {
         "model": model_sd,

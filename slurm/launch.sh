@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared Slurm launcher: one torchrun per node, started by srun, running a recipe's flags.
+# Shared Slurm launcher: srun starts one training process per GPU, running a recipe's flags.
 #
 #   bash slurm/launch.sh RECIPE [--dry-run] [--nodes N] [--nodelist h1,h2,...] [-- FLAGS...]
 #
@@ -9,15 +9,22 @@
 #      checkpoints,tensorboard} (RUN_DIR / CKPT_DIR override them; a requeued job keeps its id,
 #      so it resumes from its own checkpoints through --load),
 #   2. takes the rendezvous from Slurm: master = first host of SLURM_JOB_NODELIST (scontrol show
-#      hostnames), port from the job id; each node runs
-#         torchrun --nnodes $SLURM_NNODES --node-rank $SLURM_NODEID --nproc-per-node 8 ...
-#   3. runs `srun ... bash slurm/launch.sh --node RECIPE`, optionally inside a container
-#      (CONTAINER_IMAGE, CONTAINER_MOUNTS: pyxis/enroot), with the NCCL/InfiniBand environment,
-#   4. on SIGTERM (#SBATCH --signal=B:TERM@<lead>: time limit ahead, or preemption) forwards TERM
-#      to the srun step, whose node scripts forward it to the training processes (they save
-#      and exit 0), waits for them, then requeues the job (REQUEUE=0 to skip).
-# --dry-run prints the srun line and every node's torchrun command instead (no Slurm needed;
-# SLURM_* are faked from --nodes / --nodelist or the recipe).
+#      hostnames), port from the job id, and runs
+#         srun --nodes N --ntasks-per-node GPUS_PER_NODE bash slurm/launch.sh --task RECIPE
+#      optionally inside a container (CONTAINER_IMAGE, CONTAINER_MOUNTS: pyxis/enroot), with the
+#      NCCL/InfiniBand environment; each task sets RANK / WORLD_SIZE / LOCAL_RANK from SLURM_*
+#      and execs `python pretrain_mixtral.py FLAGS` (no torchrun: whatever Slurm signals
+#      reaches the training processes themselves, and the step's exit code is theirs),
+#   3. on TERM decides from the job's state (scontrol) what it means (docs/cluster.md):
+#      - the job still RUNNING (the time-limit signal, #SBATCH --signal=B:TERM@<lead>, or
+#        `scancel -b -s TERM`): only this shell got it, so it sends TERM to the tasks (scancel
+#        --signal=TERM), waits for them to save and exit 0, then requeues the job (REQUEUE=0
+#        to skip);
+#      - the restart count already raised (`scontrol requeue`, preemption with requeue): Slurm
+#        signalled the tasks and requeues the job itself; just wait;
+#      - otherwise (a user's scancel): the tasks save and exit; the job is not requeued.
+# --dry-run prints the srun line and each task's command instead (no Slurm needed; SLURM_* are
+# faked from --nodes / --nodelist or the recipe).
 set -euo pipefail
 
 usage() {
@@ -41,14 +48,10 @@ find_root() {
 }
 
 # ------------------------------------------------------------------------------- the command
-# torchrun_command NODE_RANK: fills CMD with what node NODE_RANK runs. Used by the nodes and by
-# --dry-run, so the dry run prints exactly what would run.
-torchrun_command() {
-    local node_rank="$1" group
-    CMD=(torchrun
-        --nnodes "$NNODES" --node-rank "$node_rank" --nproc-per-node "$GPUS_PER_NODE"
-        --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
-        "$ROOT/pretrain_mixtral.py")
+# training_command: fills CMD with what every task runs (the dry run prints exactly this).
+training_command() {
+    local group
+    CMD=("${PYTHON:-python}" "$ROOT/pretrain_mixtral.py")
     for group in "${ARG_GROUPS[@]}"; do
         local -n flags="$group"
         CMD+=("${flags[@]}")
@@ -57,7 +60,7 @@ torchrun_command() {
     CMD+=("${EXTRA_FLAGS[@]}")
 }
 
-# Settings every node needs; exported so srun (and a pyxis container) pass them on.
+# Settings every task needs; exported so srun (and a pyxis container) pass them on.
 nccl_environment() {
     # Megatron-Core: one hardware queue keeps TP/SP communication ordered with compute.
     export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
@@ -71,35 +74,20 @@ nccl_environment() {
     export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
     export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-10}"
     export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-    # torchrun sends TERM to its workers and kills them this many seconds later (recent torch).
-    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 }
 
-# ----------------------------------------------------------------------------- on each node
-node_main() {
+# ------------------------------------------------------------------------------- each task
+task_main() {
     if [[ -n "${VENV:-}" ]]; then
         # shellcheck disable=SC1091  # the user's environment
         source "$VENV/bin/activate"
     fi
-    torchrun_command "$SLURM_NODEID"
+    export RANK="$SLURM_PROCID" WORLD_SIZE="$SLURM_NTASKS" LOCAL_RANK="$SLURM_LOCALID"
+    export LOCAL_WORLD_SIZE="$GPUS_PER_NODE"
+    training_command
     cd "$ROOT"
-    # TERM (forwarded by srun) goes to the training processes themselves, so that they save and
-    # exit 0 (torchrun would kill them after its shutdown timeout); torchrun ends with them.
-    TORCHRUN_PID=""
-    trap forward_term TERM
-    "${CMD[@]}" &
-    TORCHRUN_PID=$!
-    wait_for "$TORCHRUN_PID"
-}
-
-forward_term() {
-    local child
-    echo "launch.sh[node $SLURM_NODEID]: TERM: asking the training processes to save" >&2
-    [[ -n "$TORCHRUN_PID" ]] || return 0
-    for child in $(ps -o pid= --ppid "$TORCHRUN_PID"); do
-        kill -TERM "$child" 2>/dev/null || true
-    done
+    exec "${CMD[@]}"  # the task IS the training process: Slurm's signals reach it directly
 }
 
 # wait_for PID: wait until PID has exited (a trapped signal interrupts `wait`), return its code.
@@ -113,12 +101,31 @@ wait_for() {
 }
 
 # ----------------------------------------------------------------------------- the batch shell
+# job_field NAME: a field of `scontrol show job` for this job ("" when it cannot be read).
+job_field() {
+    scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$1=//p" || true
+}
+
 on_term() {
-    TERMINATED=1
-    [[ -n "$SRUN_PID" ]] || return 0
-    echo "launch.sh: TERM at $(date +%T): forwarding to srun step $SRUN_PID; waiting for" \
-        "the save" >&2
-    kill -TERM "$SRUN_PID" 2>/dev/null || true
+    local state restarts
+    state="$(job_field JobState)"
+    restarts="$(job_field Restarts)"
+    if ((${restarts:-0} > ${SLURM_RESTART_COUNT:-0})); then
+        ON_TERM="requeued by Slurm"
+        echo "launch.sh: TERM at $(date +%T): Slurm is requeueing job $SLURM_JOB_ID (restart" \
+            "${restarts}); the tasks save and exit" >&2
+    elif [[ -n "$state" && "$state" != RUNNING ]]; then
+        ON_TERM="cancelled"
+        echo "launch.sh: TERM at $(date +%T): job $SLURM_JOB_ID is $state (cancelled): the" \
+            "tasks save and exit; not requeueing" >&2
+    else
+        ON_TERM="requeue"
+        echo "launch.sh: TERM at $(date +%T) (time limit ahead or preemption): asking the" \
+            "tasks to save (scancel --signal=TERM $SLURM_JOB_ID), then requeueing" >&2
+        if [[ -n "$SRUN_PID" ]]; then
+            scancel --signal=TERM "$SLURM_JOB_ID" || true
+        fi
+    fi
 }
 
 # A recipe's placeholder paths (/path/to/...) mean DATA_PATH / TOKENIZER_MODEL were not set.
@@ -146,6 +153,22 @@ hostnames() {
         local i
         for ((i = 1; i <= NNODES; i++)); do printf 'node%03d\n' "$i"; done
     fi
+}
+
+print_dry_run() {
+    local i
+    echo "# dry run: nothing is submitted or started. The batch shell would run:"
+    printf '%q ' "${srun_cmd[@]}"
+    echo
+    echo "# every task (RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID) would run:"
+    training_command
+    printf '%q ' "${CMD[@]}"
+    echo
+    for ((i = 0; i < NNODES; i++)); do
+        echo "# node $i (${HOSTS[i]}): RANK $((i * GPUS_PER_NODE))-$(((i + 1) * GPUS_PER_NODE - 1))" \
+            "of WORLD_SIZE $((NNODES * GPUS_PER_NODE)), LOCAL_RANK 0-$((GPUS_PER_NODE - 1))," \
+            "MASTER_ADDR $MASTER_ADDR, MASTER_PORT $MASTER_PORT"
+    done
 }
 
 batch_main() {
@@ -183,8 +206,8 @@ batch_main() {
             "$NNODES; pretrain_mixtral.py checks the layout against" \
             "$((NNODES * GPUS_PER_NODE)) GPUs" >&2
     fi
-    local srun_cmd=(srun --nodes "$NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1
-        --output "$LOG_DIR/%x-%j-node%n.log" --open-mode append)
+    local srun_cmd=(srun --nodes "$NNODES" --ntasks-per-node "$GPUS_PER_NODE"
+        --kill-on-bad-exit=1 --label --output "$LOG_DIR/%x-%j-node%n.log" --open-mode append)
     if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
         # The repository (and the run directory, if outside it) at the same paths; add your
         # data and tokenizer directories through CONTAINER_MOUNTS.
@@ -194,35 +217,35 @@ batch_main() {
             --container-mounts "${CONTAINER_MOUNTS:-$mounts}"
             --container-workdir "$ROOT")
     fi
-    srun_cmd+=(bash "$ROOT/slurm/launch.sh" --node "$RECIPE" -- "${EXTRA_FLAGS[@]}")
+    srun_cmd+=(bash "$ROOT/slurm/launch.sh" --task "$RECIPE" -- "${EXTRA_FLAGS[@]}")
 
     echo "# recipe $RECIPE: $NNODES nodes x $GPUS_PER_NODE GPUs; run directory $RUN_DIR"
     echo "# rendezvous: master $MASTER_ADDR:$MASTER_PORT; hosts ${HOSTS[*]}"
     if ((dry_run)); then
-        echo "# dry run: nothing is submitted or started. The batch shell would run:"
-        printf '%q ' "${srun_cmd[@]}"
-        echo
-        local i
-        for ((i = 0; i < NNODES; i++)); do
-            echo "# node $i (${HOSTS[i]}) would run:"
-            torchrun_command "$i"
-            printf '%q ' "${CMD[@]}"
-            echo
-        done
+        print_dry_run
         return 0
     fi
     check_placeholders
     mkdir -p "$LOG_DIR" "$CKPT_DIR" "$TENSORBOARD_DIR"
-    TERMINATED=0 SRUN_PID=""
+    ON_TERM="" SRUN_PID=""
     trap on_term TERM
+    echo "launch.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) starts" \
+        "$((NNODES * GPUS_PER_NODE)) tasks at $(date +%T); task logs in $LOG_DIR" >&2
     "${srun_cmd[@]}" &
     SRUN_PID=$!
+    if [[ "$ON_TERM" == requeue ]]; then  # TERM arrived while srun was being started
+        scancel --signal=TERM "$SLURM_JOB_ID" || true
+    fi
     local status=0
     wait_for "$SRUN_PID" || status=$?
-    echo "launch.sh: srun step finished with code $status at $(date +%T)" >&2
-    if ((TERMINATED)) && [[ "${REQUEUE:-1}" == 1 ]]; then
-        echo "launch.sh: requeueing job $SLURM_JOB_ID; it resumes from $CKPT_DIR" >&2
-        scontrol requeue "$SLURM_JOB_ID" || true
+    echo "launch.sh: the tasks finished with code $status at $(date +%T)" >&2
+    if [[ "$ON_TERM" == requeue && "${REQUEUE:-1}" == 1 ]]; then
+        if ((status == 0)); then
+            echo "launch.sh: requeueing job $SLURM_JOB_ID; it resumes from $CKPT_DIR" >&2
+            scontrol requeue "$SLURM_JOB_ID" || true
+        else
+            echo "launch.sh: not requeueing: the tasks failed (code $status)" >&2
+        fi
     fi
     return "$status"
 }
@@ -230,8 +253,8 @@ batch_main() {
 # ------------------------------------------------------------------------------------- main
 main() {
     local role=batch
-    if [[ "${1:-}" == --node ]]; then
-        role=node
+    if [[ "${1:-}" == --task ]]; then
+        role=task
         shift
     fi
     [[ $# -ge 1 ]] || usage
@@ -247,12 +270,12 @@ main() {
     export TENSORBOARD_DIR="${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}"
     # shellcheck source=examples/mixtral_8x7b_64xh100.sh
     source "$RECIPE"
-    GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+    GPUS_PER_NODE="${GPUS_PER_NODE:-8}"  # training processes per node (recipes: env wins)
     nccl_environment
-    if [[ "$role" == node ]]; then
+    if [[ "$role" == task ]]; then
         [[ "${1:-}" == -- ]] && shift
         EXTRA_FLAGS=("$@")
-        node_main
+        task_main
     else
         batch_main "$@"
     fi

@@ -4,4 +4,5 @@ set -euo pipefail
 source "$(dirname "$0")/../examples/venv.sh"
 ruff check .
 ruff format --check .
+bash tests/install_slurm.sh  # the real-Slurm tier (Debian's packages; skipped where impossible)
 python -m pytest -q "$@"

@@ -170,6 +170,50 @@ def test_sigterm_finishes_step_saves_exits_0_and_resumes_exactly(tmp_path):
     assert resumed == reference[stop:]
 
 
+def test_term_to_every_process_after_a_save_still_saves(tmp_path):
+    """Slurm signals every process of a job step (preemption, scontrol requeue, scancel),
+    Megatron's checkpoint-writer helper included. That helper is made at the first save; when
+    TERM killed it, the save on TERM failed with BrokenPipeError and left iter_N.partial."""
+    from slurm_cluster import _descendants
+
+    save = str(tmp_path / "ckpt")
+    argv = flags(TWO_RANKS, f"--train-iters 1000 --save {save} --save-interval 2")
+    port, procs, logs = free_port(), [], []
+    for rank in range(2):
+        env = dict(
+            os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        )  # fmt: skip
+        logs.append(str(tmp_path / f"rank{rank}.log"))
+        with open(logs[-1], "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, os.path.join(REPO, "pretrain_mixtral.py"), *argv],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=str(tmp_path),
+                )  # fmt: skip
+            )
+    _wait_for(logs[0], r"saved checkpoint .*iter_0000002", procs, timeout=300)
+    _wait_for(logs[1], r"iter\s+3/1000", procs, timeout=300)
+    everyone = [p.pid for p in procs] + [d for p in procs for d in _descendants(p.pid)]
+    assert len(everyone) > 2  # the writer's helper processes exist by now
+    for pid in everyone:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    codes = [p.wait(timeout=300) for p in procs]
+    with open(logs[1]) as f:
+        log = f.read()
+    assert codes == [0, 0], log[-3000:] + open(logs[0]).read()[-3000:]
+    stop = int(re.search(r"stopping after iteration (\d+): SIGTERM received", log).group(1))
+    assert checkpointing.read_marker(save) == stop
+    assert checkpointing.is_checkpoint_dir(checkpointing.iteration_dir(save, stop))
+    assert not glob.glob(os.path.join(save, "*.partial"))
+
+
 # ---------------------------------------------------------------------------- resharding
 PP2_EP2 = "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2"
 

@@ -1,19 +1,17 @@
-"""Slurm scripts: dry-run commands parsed and checked, shellcheck, and TERM -> save -> requeue.
+"""Slurm scripts without a Slurm: dry-run commands parsed and checked, shellcheck, task setup.
 
-The dry run prints the srun line and each node's torchrun command; they are parsed back with
-shlex and their rendezvous and training flags checked (the flags through ``parse_args``, as
-the training script will see them). The signal test runs the real launcher against stub
-``srun``/``torchrun``/``scontrol`` programs: TERM to the batch shell must reach the training
-process, which "saves" and exits 0, and the job must then be requeued.
+The dry run prints the srun line, the command every task runs and each node's ranks; they are
+parsed back with shlex and their rendezvous and training flags checked (the flags through
+``parse_args``, as the training script will see them): what a one-node real Slurm cannot show
+(many nodes, pyxis containers). Signals, requeue and resume run under a real Slurm in
+tests/test_slurm_real.py.
 """
 
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,8 @@ SHELL_FILES = [
     "examples/mixtral_8x22b_128xh100.sh",
     "examples/rehearse.sh",
     "bench/gpu_wheelhouse.sh",
+    "examples/cpu_tiny_2ranks.sh",
+    "tests/install_slurm.sh",
 ]
 
 
@@ -39,21 +39,22 @@ def _clean_env(**extra) -> dict:
     return {**env, **extra}
 
 
-def dry_run(script: str, *options: str) -> tuple[list[str], list[list[str]]]:
-    """(srun argv, [torchrun argv of node 0, node 1, ...]) from ``script --dry-run``."""
+def dry_run(script: str, *options: str, **env) -> tuple[list[str], list[str], list[str]]:
+    """(srun argv, the task's python argv, the per-node rank lines) from ``--dry-run``."""
     out = subprocess.run(
         ["bash", str(ROOT / script), "--dry-run", *options],
         capture_output=True,
         text=True,
-        env=_clean_env(),
+        env=_clean_env(**env),
         check=True,
         cwd="/",  # the scripts must find the repository by themselves
     ).stdout
-    lines = [line for line in out.splitlines() if not line.startswith("#")]
+    lines = out.splitlines()
     srun = [shlex.split(line) for line in lines if line.startswith("srun ")]
-    nodes = [shlex.split(line) for line in lines if line.startswith("torchrun ")]
-    assert len(srun) == 1, out
-    return srun[0], nodes
+    task = [shlex.split(line) for line in lines if line.startswith("python ")]
+    nodes = [line for line in lines if line.startswith("# node ")]
+    assert len(srun) == 1 and len(task) == 1, out
+    return srun[0], task[0], nodes
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -61,11 +62,9 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def torchrun_split(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(torchrun options, training flags): split at the script path."""
-    i = next(i for i, a in enumerate(argv) if a.endswith("pretrain_mixtral.py"))
-    assert argv[i] == str(ROOT / "pretrain_mixtral.py")
-    return argv[:i], argv[i + 1 :]
+def training_flags(task: list[str]) -> list[str]:
+    assert task[:2] == ["python", str(ROOT / "pretrain_mixtral.py")], task[:2]
+    return task[2:]
 
 
 @pytest.mark.parametrize(
@@ -76,22 +75,15 @@ def torchrun_split(argv: list[str]) -> tuple[list[str], list[str]]:
     ],
 )
 def test_dry_run_commands(script, recipe, nodes, layout):
-    srun, cmds = dry_run(script)
-    assert flag(srun, "--nodes") == str(nodes) and flag(srun, "--ntasks-per-node") == "1"
-    assert flag(srun, "--node") == str(ROOT / "examples" / recipe)  # each node: launch.sh --node
-    assert len(cmds) == nodes
-    ports = set()
-    for rank, cmd in enumerate(cmds):
-        opts, train = torchrun_split(cmd)
-        assert opts[0] == "torchrun"
-        assert flag(opts, "--nnodes") == str(nodes)
-        assert flag(opts, "--node-rank") == str(rank)
-        assert flag(opts, "--nproc-per-node") == "8"
-        assert flag(opts, "--master-addr") == "node001"  # the first host of the node list
-        ports.add(flag(opts, "--master-port"))
-        assert train == torchrun_split(cmds[0])[1]  # every node runs the same flags
-    assert len(ports) == 1
-    args = parse_args(torchrun_split(cmds[0])[1], world_size=nodes * 8)
+    srun, task, node_lines = dry_run(script)
+    assert flag(srun, "--nodes") == str(nodes) and flag(srun, "--ntasks-per-node") == "8"
+    assert flag(srun, "--task") == str(ROOT / "examples" / recipe)  # each task: launch.sh --task
+    assert "--kill-on-bad-exit=1" in srun  # one failed rank ends the step
+    assert len(node_lines) == nodes
+    for i, line in enumerate(node_lines):  # ranks 8i..8i+7; one rendezvous for every node
+        assert f"RANK {8 * i}-{8 * i + 7} of WORLD_SIZE {nodes * 8}, LOCAL_RANK 0-7" in line
+        assert "MASTER_ADDR node001, MASTER_PORT 20000" in line
+    args = parse_args(training_flags(task), world_size=nodes * 8)
     tp, pp, vpp, ep, dp = layout
     assert args.tensor_model_parallel_size == tp
     assert args.pipeline_model_parallel_size == pp
@@ -106,16 +98,54 @@ def test_dry_run_commands(script, recipe, nodes, layout):
 
 
 def test_dry_run_fakes_slurm_from_arguments():
-    srun, cmds = dry_run(
+    srun, task, nodes = dry_run(
         "slurm/mixtral_8x7b.sbatch", "--nodelist", "gpu-a,gpu-b", "--", "--train-iters", "7"
     )
-    assert len(cmds) == 2 and flag(srun, "--nodes") == "2"
-    for rank, cmd in enumerate(cmds):
-        opts, train = torchrun_split(cmd)
-        assert flag(opts, "--master-addr") == "gpu-a"
-        assert flag(opts, "--node-rank") == str(rank) and flag(opts, "--nnodes") == "2"
-        assert train[-2:] == ["--train-iters", "7"]  # extra flags come last: they win
+    assert len(nodes) == 2 and flag(srun, "--nodes") == "2"
+    assert all("MASTER_ADDR gpu-a" in line for line in nodes)
+    assert task[-2:] == ["--train-iters", "7"]  # extra flags come last: they win
     assert srun[-2:] == ["--train-iters", "7"]
+
+
+def test_gpus_per_node_comes_from_the_environment():
+    """The recipes' GPUS_PER_NODE / NODES are defaults: the environment wins (a cluster of
+    4-GPU nodes, say); the sbatch header must then be overridden the same way."""
+    srun, _, nodes = dry_run("slurm/mixtral_8x7b.sbatch", GPUS_PER_NODE="4", NODES="16")
+    assert flag(srun, "--ntasks-per-node") == "4" and flag(srun, "--nodes") == "16"
+    assert "RANK 60-63 of WORLD_SIZE 64, LOCAL_RANK 0-3" in nodes[-1]
+
+
+def test_container_flags_reach_srun():
+    srun, _, _ = dry_run(
+        "slurm/mixtral_8x7b.sbatch", CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.01-py3"
+    )
+    assert flag(srun, "--container-image") == "nvcr.io#nvidia/pytorch:25.01-py3"
+    assert flag(srun, "--container-workdir") == str(ROOT)
+    assert flag(srun, "--container-mounts") == f"{ROOT}:{ROOT}"  # the run dir is inside ROOT
+
+
+def test_each_task_takes_its_rank_from_slurm(tmp_path):
+    """``launch.sh --task`` (what srun runs) maps SLURM_* to torch.distributed's variables and
+    becomes the training process itself (exec: Slurm's signals reach it directly)."""
+    stub = tmp_path / "python"
+    stub.write_text(
+        '#!/usr/bin/env bash\necho "PID=$$ RANK=$RANK WORLD_SIZE=$WORLD_SIZE '
+        'LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE ARGS=$*"\n'
+    )
+    stub.chmod(0o755)
+    env = _clean_env(
+        PYTHON=str(stub), SLURM_PROCID="13", SLURM_NTASKS="16", SLURM_LOCALID="5",
+        SLURM_JOB_ID="77", DATA_PATH="/d", TOKENIZER_MODEL="/t",
+    )  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", f'echo "SHELL=$$"; exec bash {ROOT}/slurm/launch.sh --task '
+         f'examples/mixtral_8x7b_64xh100.sh -- --train-iters 3'],
+        env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    shell, task = proc.stdout.split()[0], proc.stdout.split("\n")[1]
+    assert "RANK=13 WORLD_SIZE=16 LOCAL_RANK=5 LOCAL_WORLD_SIZE=8" in task
+    assert task.startswith(f"PID={shell.split('=')[1]} ")  # exec'd: the same process
+    assert task.endswith("--train-iters 3")
 
 
 def _shellcheck() -> str:
@@ -130,77 +160,6 @@ def test_shellcheck_clean():
         [_shellcheck(), "-x", *SHELL_FILES], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-STUB_SRUN = """#!/usr/bin/env bash
-# srun stand-in: record the options, run the task once, here, as node 0.
-echo "$@" > "$STUBS/srun.args"
-while [[ "$1" != bash ]]; do shift; done
-export SLURM_NODEID=0
-exec "$@"
-"""
-STUB_TORCHRUN = """#!/usr/bin/env bash
-# torchrun stand-in: one "training process" that saves and exits 0 on TERM.
-echo "$@" > "$STUBS/torchrun.args"
-bash -c 'trap "echo saved > \\"$STUBS/saved\\"; exit 0" TERM
-         echo started > "$STUBS/started"; while true; do sleep 0.05; done' &
-wait $!
-"""
-STUB_SCONTROL = """#!/usr/bin/env bash
-if [[ "$1" == show ]]; then echo gpu-x; else echo "$@" >> "$STUBS/scontrol.log"; fi
-"""
-
-
-def test_term_reaches_training_and_job_is_requeued(tmp_path):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    for name, text in (("srun", STUB_SRUN), ("torchrun", STUB_TORCHRUN)):
-        (stubs / name).write_text(text)
-    (stubs / "scontrol").write_text(STUB_SCONTROL)
-    for f in stubs.iterdir():
-        f.chmod(0o755)
-    env = _clean_env(
-        PATH=f"{stubs}:{os.environ['PATH']}",
-        STUBS=str(stubs),
-        SLURM_JOB_ID="4242",
-        SLURM_JOB_NAME="t",
-        SLURM_NNODES="8",
-        SLURM_JOB_NODELIST="gpu-x",
-        SLURM_SUBMIT_DIR=str(ROOT),
-        RUN_DIR=str(tmp_path / "run"),
-        DATA_PATH="/data/corpus_text_document",
-        TOKENIZER_MODEL="/data/tokenizer.model",
-    )
-    # One host name for 8 nodes would be refused: the stub scontrol answers for a 1-node job.
-    env["SLURM_NNODES"] = "1"
-    batch = subprocess.Popen(
-        ["bash", str(ROOT / "slurm/mixtral_8x7b.sbatch")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not (stubs / "started").exists():
-            assert batch.poll() is None, batch.stdout.read()
-            assert time.monotonic() < deadline, "the training stand-in never started"
-            time.sleep(0.05)
-        batch.send_signal(signal.SIGTERM)  # what #SBATCH --signal=B:TERM@300 does
-        out, _ = batch.communicate(timeout=30)
-    finally:
-        try:  # whatever happened, leave no stand-in running
-            os.killpg(batch.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert batch.returncode == 0, out
-    assert (stubs / "saved").read_text().strip() == "saved", out
-    assert (stubs / "scontrol.log").read_text().split() == ["requeue", "4242"], out
-    torchrun = (stubs / "torchrun.args").read_text().split()
-    assert flag(torchrun, "--node-rank") == "0" and flag(torchrun, "--master-addr") == "gpu-x"
-    assert flag(torchrun, "--load") == str(tmp_path / "run" / "checkpoints")
-    assert (tmp_path / "run" / "logs").is_dir()
 
 
 def test_placeholder_paths_are_refused(tmp_path):
