@@ -153,7 +153,8 @@ def assemble(tok, batch, dtype, append_eod: bool, keep_empty: bool):
     encoded = []
     nonempty = np.zeros(n, dtype=bool)
     for column in batch.values:
-        if all(type(v) is str for v in column):
+        one_per_doc = all(type(v) is str for v in column)
+        if one_per_doc:
             seqs, seq_doc = column, np.arange(n)
         else:
             seqs, counts = [], []
@@ -166,7 +167,9 @@ def assemble(tok, batch, dtype, append_eod: bool, keep_empty: bool):
                     counts.append(len(v))
             seq_doc = np.repeat(np.arange(n), counts)
         tokens, seq_lens = tok.encode_batch(seqs, dtype)
-        if len(seqs) == n:
+        # (Not len(seqs) == n: a 2-sentence document beside an empty list has as many
+        # sequences as documents, and per-sequence counts shifted every later document.)
+        if one_per_doc:
             doc_tok = seq_lens
         else:
             doc_tok = np.bincount(seq_doc, weights=seq_lens, minlength=n).astype(np.int64)

@@ -8,6 +8,7 @@ vocabulary; memory stays bounded by a shard; an upcycled dense model computes th
 model's logits.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from ckpt_helpers import forward, read_safetensors, reshard_hf, shard_sizes, train
+from ckpt_helpers import forward, read_json, read_safetensors, reshard_hf, shard_sizes, train
 from megatron.core import dist_checkpointing
 
 from megatron_ext import checkpointing
@@ -228,6 +229,49 @@ def test_upcycled_model_computes_the_dense_model(kind, world, layout, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- errors
+def _tamper(src: str, dst: str, config=None, tensor=None):
+    """A copy of the HF checkpoint ``src`` with config.json fields changed, or one tensor
+    replaced (name -> new tensor)."""
+    shutil.copytree(src, dst)
+    if config:
+        path = os.path.join(dst, "config.json")
+        cfg = read_json(path)
+        cfg.update(config)
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+    if tensor:
+        from safetensors.torch import save_file
+
+        tensors = read_safetensors(dst)
+        tensors.update(tensor)
+        for name in os.listdir(dst):
+            if name.endswith(".safetensors") or name.endswith(".index.json"):
+                os.remove(os.path.join(dst, name))
+        save_file(tensors, os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["config says a bigger FFN", "a tensor has extra rows"])
+def test_shapes_that_disagree_with_config_json_are_refused(hf_mixtral, case, tmp_path, capsys):
+    """Regression: the first case wrote an unloadable checkpoint and exited 0; the second
+    raised a traceback and left iter_0000000.partial behind."""
+    src = str(tmp_path / "src")
+    if case == "config says a bigger FFN":
+        _tamper(hf_mixtral[0], src, config={"intermediate_size": 256})
+        name, want = "block_sparse_moe.experts.", "intermediate_size 256"
+    else:
+        q = read_safetensors(hf_mixtral[0])["model.layers.0.self_attn.q_proj.weight"]
+        extra = {"model.layers.0.self_attn.q_proj.weight": torch.cat([q, q[:4]])}
+        _tamper(hf_mixtral[0], src, tensor=extra)
+        name, want = "model.layers.0.self_attn.q_proj.weight has shape (68, 64)", "(64, 64)"
+    out = str(tmp_path / "out")
+    assert convert_main(["hf-to-mcore", "--input", src, "--output", out]) == 2
+    err = capsys.readouterr().err
+    assert name in err and want in err and ".safetensors" in err, err
+    assert err.count("\n") == 1  # one line, no traceback
+    assert checkpointing.read_marker(out) is None and os.listdir(out) == []
+
+
 def test_errors_are_reported_not_raised(hf_mixtral, tmp_path, capsys):
     dense = str(tmp_path / "dense")
     torch.manual_seed(4)

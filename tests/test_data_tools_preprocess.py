@@ -112,6 +112,27 @@ def test_several_keys_sentence_lists_and_empty_documents(tmp_path: Path):
     assert IndexedReader(str(tmp_path / "d_text_document")).n_documents == 5
 
 
+def test_empty_list_beside_a_sentence_list_shifts_nothing(tmp_path: Path):
+    """Regression: a 2-sentence document and an empty list in one batch made as many sequences
+    as documents, per-sequence token counts were read as per-document ones, the empty document
+    was kept and .bin got one EOD more than .idx described (every later document shifted)."""
+    rows = [{"text": ["s1", "s2"]}, {"text": []}, {"text": "hello"}, {"text": "world"}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli(*preprocess_args(str(src), str(tmp_path / "keep"), None, "--append-eod", "--keep-empty"))
+    megatron_reference(str(src), str(tmp_path / "ref"), mixtral())
+    assert file_bytes(str(tmp_path / "keep"), "text") == file_bytes(str(tmp_path / "ref"), "text")
+    cli(*preprocess_args(str(src), str(tmp_path / "o"), None, "--append-eod"))
+    r = IndexedReader(str(tmp_path / "o_text_document"))
+    tok = build_tokenizer("Llama2Tokenizer", mixtral())
+    assert r.n_documents == 3  # the empty list is dropped, as documented
+    assert r.n_tokens == sum(len(r.document(i)) for i in range(3))
+    assert r.n_tokens * 2 == (tmp_path / "o_text_document.bin").stat().st_size
+    docs = [r.document(i) for i in range(3)]
+    assert all(int(d[-1]) == tok.eod for d in docs)
+    assert [tok.decode(d[:-1]) for d in docs[1:]] == ["hello", "world"]
+
+
 def test_round_trip_and_eod(tmp_path: Path):
     corpus = sample_corpus(1.0)
     stats = tmp_path / "stats.json"

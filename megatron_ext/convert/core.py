@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import replace
 
 import torch
@@ -59,23 +60,28 @@ def write_checkpoint(root: str, arch: Arch, common: dict, parts, meter: MemoryMe
     (called after the last part) has passed."""
     os.makedirs(root, exist_ok=True)
     partial = checkpointing.iteration_dir(root, 0) + ".partial"
-    with single_process_group():
-        writer = StreamingWriter(partial, common)
-        writer.write(hf.extra_state_pieces(arch))
-        for pieces in parts:
-            meter.sample()
-            writer.write(pieces)
-            del pieces
-        check()
-        writer.finish()
+    try:
+        with single_process_group():
+            writer = StreamingWriter(partial, common)
+            writer.write(hf.extra_state_pieces(arch))
+            for pieces in parts:
+                meter.sample()
+                writer.write(pieces)
+                del pieces
+            check()
+            writer.finish()
+    except BaseException:  # a refused input (or a kill) leaves no half-written directory
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     publish(root, partial, 0)
     return checkpointing.iteration_dir(root, 0)
 
 
 def _mixtral_parts(src: str, arch: Arch, dtype, seen: set):
-    for _, tensors in hf.iter_shards(src, dtype):
+    for path, tensors in hf.iter_shards(src, dtype):
         pieces = []
         for name, weight in tensors.items():
+            hf.check_shape(arch, name, weight, path)
             found, covered = hf.mixtral_pieces(arch, name, weight)
             pieces += found
             seen.update(covered)

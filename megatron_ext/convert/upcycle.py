@@ -55,7 +55,7 @@ def dense_pieces(arch: Arch, name: str, weight: torch.Tensor) -> tuple[list, lis
 
 def _parts(src, arch, dtype, seen, std, seed):
     router_dtype = None
-    for _, tensors in hf.iter_shards(src, dtype):
+    for path, tensors in hf.iter_shards(src, dtype):
         if router_dtype is None:  # the routers go with the first shard, in its dtype
             router_dtype = next(iter(tensors.values())).dtype
             routers = [
@@ -67,6 +67,7 @@ def _parts(src, arch, dtype, seen, std, seed):
         else:
             pieces = []
         for name, weight in tensors.items():
+            hf.check_shape(arch, name, weight, path)
             found, covered = dense_pieces(arch, name, weight)
             pieces += found
             seen.update(covered)
