@@ -11,6 +11,8 @@ loss, forward step, datasets, evaluation, then the training loop.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from functools import partial
@@ -21,8 +23,10 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
-from megatron_ext import checkpointing, data, engine
-from megatron_ext.arguments import LayoutError, check_environment, parse_args
+from megatron_ext import checkpointing, data, engine, preflight
+from megatron_ext.arguments import check_environment, parse_args
+from megatron_ext.checkpointing.lock import lock_save_dir
+from megatron_ext.errors import TrainingStopped, UsageError
 from megatron_ext.metrics import Reporter, expert_load, precision_of
 from megatron_ext.model import transformer_config
 from megatron_ext.moe import collect_moe_stats, set_aux_loss_scale
@@ -156,12 +160,16 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
         state.iteration += 1
         state.consumed_samples += args.global_batch_size
         state.skipped += 0 if ok else 1
+        if args.check_for_nan_in_loss_and_grad:
+            check_finite(args, state.iteration, losses["lm loss"], ok, grad_norm, saved)
         history.append(losses["lm loss"])
         if state.iteration % args.log_interval == 0:
             elapsed, tick = (time.time() - tick) / args.log_interval, time.time()
             load = expert_load(gather_moe_stats(model))
             values = {**losses, "lr": scheduler.get_lr(optimizer.param_groups[0])}
             values.update(grad_norm=float(grad_norm or 0.0), skipped=state.skipped)
+            if args.fp16:  # the dynamic loss scale: halves on overflow, skipping the step
+                values["loss scale"] = float(optimizer.get_loss_scale())
             for k in ("aux_loss", "z_loss"):
                 values[f"router {k}"] = sum(v[k] for v in load.values()) / max(len(load), 1)
             print_rank_last(reporter.log(state.iteration, values, elapsed, load))
@@ -184,6 +192,25 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
     return history
 
 
+def check_finite(args, iteration: int, loss: float, ok: bool, grad_norm, saved) -> None:
+    """Stop on a NaN/Inf loss, or on NaN/Inf gradients that were applied, naming the iteration
+    and the checkpoint to go back to (nothing of this step is saved). With --fp16 and the
+    dynamic loss scale, overflowing gradients are normal: the step is skipped and the scale
+    lowered (``ok`` False), as in Megatron-LM."""
+    bad_grads = ok and grad_norm is not None and not math.isfinite(float(grad_norm))
+    if math.isfinite(loss) and not bad_grads:
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    last = "none (no --save)" if not args.save else "none yet"
+    if args.save and saved is not None:
+        last = checkpointing.iteration_dir(args.save, saved)
+    raise TrainingStopped(
+        f"iteration {iteration}: {what}; training stopped, nothing of this step was saved. Last "
+        f"complete checkpoint: {last}. Resume from it (perhaps with a lower --lr or --clip-grad); "
+        "--no-check-for-nan-in-loss-and-grad turns this check off"
+    )
+
+
 def gather_moe_stats(model) -> dict:
     """Router statistics of every layer, gathered from all pipeline stages."""
     local = {
@@ -203,15 +230,18 @@ def run(argv=None) -> History:
     check_environment(args)  # Transformer Engine, GPU generation, kernels: before any build
     args.start_time = time.time()  # --exit-duration-in-mins counts from here, as in Megatron-LM
     preemption = checkpointing.Preemption()  # from the start: a SIGTERM during setup counts too
-    engine.initialize(args)
     tokenizer = data.build_tokenizer(args)
     args.vocab_size = tokenizer.vocab_size
+    preflight.check_inputs(args, args.vocab_size)  # data, --save, --load: files only, cheap
+    engine.initialize(args)
+    lock = lock_save_dir(args.save, dist.get_rank())  # one run per --save directory
     if dist.get_rank() == 0:
-        for note in args.notices + args.unhonoured:
+        for note in args.notices + args.unhonoured + ([lock.note] if lock.note else []):
             print(f"note: {note}", flush=True)
+    plan = checkpointing.plan_load(args)  # checksums, architecture: before the model is built
     config = transformer_config(args)
     model, optimizer, scheduler = engine.setup_model_and_optimizer(args, config)
-    state = checkpointing.load(args, model, optimizer, scheduler)
+    state = checkpointing.load(args, model, optimizer, scheduler, plan)
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
     writer = None
     if args.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
@@ -224,24 +254,32 @@ def run(argv=None) -> History:
             f"note: MFU not reported: no datasheet peak for {torch.cuda.get_device_name()} "
             f"at {precision_of(args)} (megatron_ext/metrics.py); pass --peak-tflops"
         )
-    history = train(
-        args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter, preemption
-    )
-    if writer is not None:
-        writer.close()
+    try:
+        history = train(
+            args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter, preemption
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+        lock.release()
     parallel_state.destroy_model_parallel()
     return history
 
 
 def main(argv=None) -> int:
+    """The command line: an expected failure (bad flags, files, data, checkpoints, a NaN) is
+    ONE line from ONE rank and a non-zero exit code, never a traceback from every rank."""
+    code = 0
     try:
         run(argv)
-    except LayoutError as e:  # raised before anything is built or allocated
-        print(f"pretrain_mixtral.py: error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:  # every rank raises it, with the same message
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"pretrain_mixtral.py: error: {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

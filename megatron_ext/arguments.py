@@ -130,6 +130,17 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument(
+        "--check-for-nan-in-loss-and-grad",
+        action="store_true",
+        default=True,
+        help="stop on a NaN/Inf loss or applied gradient, naming the iteration (default on)",
+    )
+    g.add_argument(
+        "--no-check-for-nan-in-loss-and-grad",
+        action="store_false",
+        dest="check_for_nan_in_loss_and_grad",
+    )
+    g.add_argument(
         "--override-opt-param-scheduler",
         action="store_true",
         help="on --load, take the schedule from these flags, not the checkpoint",
@@ -202,6 +213,12 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true")
+    g.add_argument(
+        "--no-verify-checkpoint",
+        action="store_false",
+        dest="verify_checkpoint",
+        help="load without checking the files against the checkpoint's checksums",
+    )
     g.add_argument("--wandb-project", default=None, help="accepted; use --tensorboard-dir")
     g.add_argument("--wandb-exp-name", default=None, help="accepted; use --tensorboard-dir")
 

@@ -14,6 +14,7 @@ global batch.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Iterator
 
 import torch
@@ -23,6 +24,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 
 from data_tools.tokenizers import build_tokenizer as data_tools_tokenizer
+from megatron_ext.preflight import DataError
 
 
 class DatasetTokenizer:
@@ -43,15 +45,23 @@ class DatasetTokenizer:
 
 
 def build_tokenizer(args: argparse.Namespace) -> DatasetTokenizer:
-    kind = args.tokenizer_type
-    if kind == "NullTokenizer" or (args.mock_data and not args.tokenizer_model):
+    kind, path = args.tokenizer_type, args.tokenizer_model
+    if kind == "NullTokenizer" or (args.mock_data and not path):
         if args.vocab_size is None:
-            raise ValueError("--mock-data without --tokenizer-model needs --vocab-size")
+            raise DataError(f"--tokenizer-type {kind} / --mock-data needs --vocab-size")
         return DatasetTokenizer(args.vocab_size, args.vocab_size - 1, "null")  # EOD: last id
-    if not args.tokenizer_model:
-        raise ValueError(f"--tokenizer-type {kind} needs --tokenizer-model")
-    inner = data_tools_tokenizer(kind, args.tokenizer_model, split_newlines=False)
-    return DatasetTokenizer(inner.vocab_size, inner.eod, args.tokenizer_model, inner)
+    if not path:
+        raise DataError(f"--tokenizer-type {kind} needs --tokenizer-model")
+    if not os.path.exists(path):
+        raise DataError(f"--tokenizer-model {path}: no such file or directory")
+    try:
+        inner = data_tools_tokenizer(kind, path, split_newlines=False)
+    except Exception as e:  # noqa: BLE001 (SentencePiece / HF raise many kinds)
+        raise DataError(
+            f"--tokenizer-model {path}: not a tokenizer --tokenizer-type {kind} can load "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
+    return DatasetTokenizer(inner.vocab_size, inner.eod, path, inner)
 
 
 def split_sizes(args: argparse.Namespace) -> list[int]:

@@ -74,7 +74,10 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # Non-finite values are checked by the training loop, which names the iteration and
+        # the checkpoint to resume from; in here they raised "iteration -1" from deep inside
+        # DDP, and with --fp16 they are expected (the loss scaler skips the step).
+        check_for_nan_in_grad=False,
         # None: Megatron-Core's max(40M, 1M x DP) elements when overlapping, else one bucket.
         bucket_size=args.ddp_bucket_size,
         # With --overlap-param-gather the pipeline schedule dispatches each chunk's param

@@ -11,14 +11,69 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+from megatron_ext.errors import UsageError
 
-class LayoutError(ValueError):
+
+class LayoutError(UsageError, ValueError):
     """An invalid combination of flags, found before any model is built."""
 
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise LayoutError(message)
+
+
+# Flag value ranges (dest names). Anything outside killed a rank later: SIGFPE on
+# --seq-length 0, a traceback at the first forward, Megatron's bare AssertionErrors.
+POSITIVE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "num_experts", "moe_router_topk", "seq_length", "max_position_embeddings", "micro_batch_size",
+    "train_iters", "log_interval", "eval_interval", "tensor_model_parallel_size",
+    "pipeline_model_parallel_size", "expert_model_parallel_size", "make_vocab_size_divisible_by",
+)  # fmt: skip
+POSITIVE_IF_GIVEN = (
+    "global_batch_size", "save_interval", "exit_interval", "lr_decay_iters", "ddp_bucket_size",
+    "num_layers_per_virtual_pipeline_stage", "recompute_num_layers", "window_size",
+    "vocab_size", "exit_duration_in_mins", "loss_scale", "initial_loss_scale", "peak_tflops",
+    "norm_epsilon", "rotary_base", "adam_eps", "init_method_std",
+)  # fmt: skip
+NON_NEGATIVE = (
+    "eval_iters", "lr_warmup_iters", "seed", "lr", "min_lr", "weight_decay", "clip_grad",
+    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate",
+)  # fmt: skip
+FRACTION = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")  # in [0, 1)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, and the relations Megatron-Core asserts later."""
+    for dest in POSITIVE + POSITIVE_IF_GIVEN:
+        value = getattr(args, dest, None)
+        if value is None and dest in POSITIVE_IF_GIVEN:
+            continue
+        _require(value is not None, f"{_flag(dest)} is required")
+        _require(value > 0, f"{_flag(dest)} must be positive, not {value}")
+    for dest in NON_NEGATIVE:
+        value = getattr(args, dest, None)
+        _require(value is None or value >= 0, f"{_flag(dest)} must be >= 0, not {value}")
+    for dest in FRACTION:
+        value = getattr(args, dest)
+        _require(0 <= value < 1, f"{_flag(dest)} must be in [0, 1), not {value}")
+    _require(
+        args.moe_router_topk <= args.num_experts,
+        f"--moe-router-topk {args.moe_router_topk} exceeds --num-experts {args.num_experts}: "
+        "a token cannot pick more experts than there are",
+    )
+    _require(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr} (the peak)")
+    decay = args.lr_decay_iters or args.train_iters
+    _require(
+        args.lr_warmup_iters < decay,
+        f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
+        f"{decay}{' (default: --train-iters)' if args.lr_decay_iters is None else ''}",
+    )
 
 
 def validate(args: argparse.Namespace, world_size: int) -> None:
@@ -46,6 +101,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         "the SMoE experts are SwiGLU without biases: pass --swiglu --disable-bias-linear "
         "(or --model PRESET)",
     )
+    check_values(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     ep = args.expert_model_parallel_size
     _require(
@@ -125,7 +181,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
         f"{args.max_position_embeddings}",
     )
-    _require(args.train_iters is not None and args.train_iters > 0, "--train-iters is required")
+    _require(args.train_iters is not None, "--train-iters is required")
     _require(
         args.mock_data or args.data_path,
         "pass --data-path PREFIX [PREFIX ...] (from `python -m data_tools preprocess`) "

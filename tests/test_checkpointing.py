@@ -128,20 +128,15 @@ def _wait_for(path: str, pattern: str, procs, timeout: float) -> re.Match:
         raise AssertionError(f"{pattern!r} not seen in time; log:\n{f.read()[-3000:]}")
 
 
-def test_sigterm_finishes_step_saves_exits_0_and_resumes_exactly(tmp_path):
-    save = str(tmp_path / "ckpt")
-    argv = flags(TWO_RANKS, f"--train-iters 1000 --save {save}")
+def _launch_two_ranks(argv: list[str], tmp_path) -> tuple[list, list[str]]:
+    """pretrain_mixtral.py as two processes, as srun launches them (one per rank); each
+    writes its output to tmp_path/rank{r}.log."""
     port, procs, logs = free_port(), [], []
-    for rank in range(2):  # launched as srun would: one process per rank
+    for rank in range(2):
         env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
+            os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        )  # fmt: skip
         logs.append(str(tmp_path / f"rank{rank}.log"))
         with open(logs[-1], "w") as log:
             procs.append(
@@ -151,8 +146,14 @@ def test_sigterm_finishes_step_saves_exits_0_and_resumes_exactly(tmp_path):
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=str(tmp_path),
-                )
+                )  # fmt: skip
             )
+    return procs, logs
+
+
+def test_sigterm_finishes_step_saves_exits_0_and_resumes_exactly(tmp_path):
+    save = str(tmp_path / "ckpt")
+    procs, logs = _launch_two_ranks(flags(TWO_RANKS, f"--train-iters 1000 --save {save}"), tmp_path)
     _wait_for(logs[1], r"iter\s+3/1000", procs, timeout=300)
     procs[0].send_signal(signal.SIGTERM)  # one rank is enough: the ranks agree on stopping
     codes = [p.wait(timeout=300) for p in procs]
@@ -178,23 +179,7 @@ def test_term_to_every_process_after_a_save_still_saves(tmp_path):
 
     save = str(tmp_path / "ckpt")
     argv = flags(TWO_RANKS, f"--train-iters 1000 --save {save} --save-interval 2")
-    port, procs, logs = free_port(), [], []
-    for rank in range(2):
-        env = dict(
-            os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-        )  # fmt: skip
-        logs.append(str(tmp_path / f"rank{rank}.log"))
-        with open(logs[-1], "w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, os.path.join(REPO, "pretrain_mixtral.py"), *argv],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=str(tmp_path),
-                )  # fmt: skip
-            )
+    procs, logs = _launch_two_ranks(argv, tmp_path)
     _wait_for(logs[0], r"saved checkpoint .*iter_0000002", procs, timeout=300)
     _wait_for(logs[1], r"iter\s+3/1000", procs, timeout=300)
     everyone = [p.pid for p in procs] + [d for p in procs for d in _descendants(p.pid)]

@@ -112,6 +112,12 @@ def test_round_trip_gives_the_original_tensors(hf_mixtral, converted, tmp_path):
     assert sorted(back) == sorted(original)
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
+    umask = os.umask(0)
+    os.umask(umask)
+    shards = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    assert shards and all(  # was 0600: safetensors' private temporary file
+        os.stat(os.path.join(out, f)).st_mode & 0o777 == 0o666 & ~umask for f in shards
+    )
     reloaded = transformers.MixtralForCausalLM.from_pretrained(out).eval()
     tokens, _ = _batch(1024)
     with torch.no_grad():

@@ -122,10 +122,12 @@ def _train(argv):
 
 
 def test_term_and_requeue_save_resume_and_finish_like_an_uninterrupted_run(slurm, tmp_path):
-    run_dir, iters = tmp_path / "run", 120
-    job = submit(slurm, run_dir, "cycle", iters, save_interval=5)
+    # Long enough (300 iterations, about 20 s here) that the second signal always lands while
+    # the resumed run is still training; a save (at 10) precedes the first signal (at 12+).
+    run_dir, iters = tmp_path / "run", 300
+    job = submit(slurm, run_dir, "cycle", iters, save_interval=10)
     # 1. The time-limit signal: TERM to the batch shell only (#SBATCH --signal=B:TERM@N).
-    wait_until("iteration 8", iteration_seen(run_dir, 8), run_dir)
+    wait_until("iteration 12", iteration_seen(run_dir, 12), run_dir)
     slurm.run("scancel", "--batch", "--signal=TERM", str(job))
     wait_until(
         "restart 1", lambda: "(restart 1) starts" in (run_dir / "batch.out").read_text(), run_dir
@@ -135,7 +137,7 @@ def test_term_and_requeue_save_resume_and_finish_like_an_uninterrupted_run(slurm
     seen = len(re.findall(r"iter +\d+/", task_log(run_dir)))
     wait_until("3 more iterations", iteration_seen(run_dir, first_stop + 3, after=seen), run_dir)
     slurm.run("scontrol", "requeue", str(job))
-    info = wait_until("COMPLETED", job_state(slurm, job, ("COMPLETED", "FAILED")), run_dir, 240)
+    info = wait_until("COMPLETED", job_state(slurm, job, ("COMPLETED", "FAILED")), run_dir, 300)
     batch, log = (run_dir / "batch.out").read_text(), task_log(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", batch
     stops = [int(s) for s in re.findall(r"stopping after iteration (\d+): SIGTERM", log)]

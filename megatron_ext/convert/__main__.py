@@ -8,9 +8,9 @@ import re
 import sys
 import time
 
-from megatron_ext.checkpointing import CheckpointMismatch
-from megatron_ext.convert.hf import DTYPES, ConversionError
+from megatron_ext.convert.hf import DTYPES
 from megatron_ext.convert.stream import MemoryMeter
+from megatron_ext.errors import UsageError
 
 _UNITS = {
     "": 1,
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ConversionError, CheckpointMismatch, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError) as e:  # conversion, checkpoint and file problems
         print(f"python -m megatron_ext.convert {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

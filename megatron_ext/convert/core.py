@@ -22,7 +22,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_ext import checkpointing
-from megatron_ext.convert import hf
+from megatron_ext.convert import hf, shapes
 from megatron_ext.convert.hf import Arch, ConversionError
 from megatron_ext.convert.stream import (
     MemoryMeter,
@@ -81,7 +81,7 @@ def _mixtral_parts(src: str, arch: Arch, dtype, seen: set):
     for path, tensors in hf.iter_shards(src, dtype):
         pieces = []
         for name, weight in tensors.items():
-            hf.check_shape(arch, name, weight, path)
+            shapes.check_shape(arch, name, weight, path)
             found, covered = hf.mixtral_pieces(arch, name, weight)
             pieces += found
             seen.update(covered)

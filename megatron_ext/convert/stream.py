@@ -242,6 +242,8 @@ class ShardWriter:
     def finish(self) -> None:
         self.flush()
         count = len(self.files)
+        umask = os.umask(0)
+        os.umask(umask)
         for i, (tmp, names) in enumerate(self.files):
             final = (
                 "model.safetensors"
@@ -249,6 +251,9 @@ class ShardWriter:
                 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             )
             os.replace(os.path.join(self.directory, tmp), os.path.join(self.directory, final))
+            # safetensors writes through a private temporary file (mode 0600): give the shard
+            # the mode any other file gets here, readable by the group that shares the model.
+            os.chmod(os.path.join(self.directory, final), 0o666 & ~umask)
             self.weight_map.update({n: final for n in names})
         if count > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}

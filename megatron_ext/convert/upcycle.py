@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from megatron_ext.convert import hf
+from megatron_ext.convert import hf, shapes
 from megatron_ext.convert.core import check_targets, write_checkpoint
 from megatron_ext.convert.hf import Arch, ConversionError
 from megatron_ext.convert.stream import MemoryMeter
@@ -67,7 +67,7 @@ def _parts(src, arch, dtype, seen, std, seed):
         else:
             pieces = []
         for name, weight in tensors.items():
-            hf.check_shape(arch, name, weight, path)
+            shapes.check_shape(arch, name, weight, path)
             found, covered = dense_pieces(arch, name, weight)
             pieces += found
             seen.update(covered)

@@ -15,6 +15,8 @@ import os
 import shutil
 import signal
 
+from data_tools.resume import fsync_dir  # the one fsync of a directory (data_tools has no deps)
+
 MARKER = "latest_checkpointed_iteration.txt"
 KILL_ENV = "MEGATRON_EXT_TEST_KILL_IN_SAVE"  # test hook, see checkpointing's docstring
 
@@ -46,15 +48,7 @@ def _atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -113,7 +107,7 @@ def publish(root: str, partial: str, final: str, iteration: int) -> None:
             shutil.rmtree(replaced)
         os.replace(final, replaced)
     os.replace(partial, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     maybe_kill("renamed", iteration)
     write_marker(root, iteration)
     if os.path.exists(replaced):
