@@ -26,7 +26,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_ext import checkpointing, data, engine, preflight
 from megatron_ext.arguments import check_environment, parse_args
 from megatron_ext.checkpointing.lock import lock_save_dir
-from megatron_ext.errors import TrainingStopped, UsageError
+from megatron_ext.errors import TrainingStopped, UsageError, agreed
 from megatron_ext.metrics import Reporter, expert_load, precision_of
 from megatron_ext.model import transformer_config
 from megatron_ext.moe import collect_moe_stats, set_aux_loss_scale
@@ -69,6 +69,16 @@ def forward_step(data_iterator, model):
 
 
 # ------------------------------------------------------------------------------------- datasets
+def check_inputs(args):
+    """The machine, the tokenizer, the data and the checkpoint paths, before any build;
+    returns the tokenizer (docs/reliability.md)."""
+    check_environment(args)  # Transformer Engine, GPU generation, kernels
+    tokenizer = data.build_tokenizer(args)
+    args.vocab_size = tokenizer.vocab_size
+    preflight.check_inputs(args, args.vocab_size)  # data, --save, --load: files only, cheap
+    return tokenizer
+
+
 def datasets_provider(args, tokenizer):
     train_ds, valid_ds, test_ds = data.build_datasets(args, tokenizer)
     return train_ds, valid_ds, test_ds
@@ -226,14 +236,11 @@ def gather_moe_stats(model) -> dict:
 
 def run(argv=None) -> History:
     """Parse flags, set up, train; return the training loss of every iteration."""
-    args = parse_args(argv)
-    check_environment(args)  # Transformer Engine, GPU generation, kernels: before any build
+    args = parse_args(argv)  # the same flags on every rank: the same errors, no need to agree
     args.start_time = time.time()  # --exit-duration-in-mins counts from here, as in Megatron-LM
     preemption = checkpointing.Preemption()  # from the start: a SIGTERM during setup counts too
-    tokenizer = data.build_tokenizer(args)
-    args.vocab_size = tokenizer.vocab_size
-    preflight.check_inputs(args, args.vocab_size)  # data, --save, --load: files only, cheap
-    engine.initialize(args)
+    engine.initialize(args)  # cheap, and lets the ranks agree on what the checks below find
+    tokenizer = agreed(check_inputs, args)  # a file one node cannot read stops every rank
     lock = lock_save_dir(args.save, dist.get_rank())  # one run per --save directory
     if dist.get_rank() == 0:
         for note in args.notices + args.unhonoured + ([lock.note] if lock.note else []):

@@ -39,3 +39,15 @@ def agree(message: str | None, group=None) -> None:
     first = next((m for m in found if m), None)
     if first:
         raise UsageError(first)
+
+
+def agreed(check, *args):
+    """``check(*args)`` on every rank; a ``UsageError`` any rank raises is raised on all of them
+    (the first rank's message), so no rank waits forever for one that stopped."""
+    problem, result = None, None
+    try:
+        result = check(*args)
+    except UsageError as e:
+        problem = str(e)
+    agree(problem)
+    return result

@@ -169,6 +169,23 @@ def test_data_problems_are_found_before_the_model_is_built(case, tmp_path):
     assert all("note:" not in out for _, _, out in results)  # nothing was set up yet
 
 
+def _main_per_rank(argvs):
+    import torch.distributed as dist
+
+    return _main(argvs[dist.get_rank()])
+
+
+def test_a_file_only_one_rank_misses_stops_every_rank_with_one_line(tmp_path):
+    """A data path one node does not see (a filesystem not mounted there, say): the ranks
+    agree, so rank 0 says it once and nobody waits for the rank that stopped."""
+    good = write_dataset(tmp_path / "good_text_document", _docs(50))
+    argvs = [data_flags(good).split(), data_flags(str(tmp_path / "elsewhere")).split()]
+    results = run_on_ranks(_main_per_rank, 2, args=(argvs,), timeout=300)
+    assert [r[0] for r in results] == [2, 2], results
+    errors = [line for r in results for line in r[1].splitlines() if "error" in line]
+    assert len(errors) == 1 and f"no {tmp_path / 'elsewhere'}.bin" in errors[0], results
+
+
 def test_good_data_trains(tmp_path):
     good = write_dataset(tmp_path / "good_text_document", _docs(50))
     results = run(data_flags(good))
