@@ -79,6 +79,10 @@ nccl_environment() {
 
 # ------------------------------------------------------------------------------- each task
 task_main() {
+    # Each task writes its node's log itself (appending), not through srun's I/O: when Slurm
+    # signals the job, srun ends first, and output relayed through it would break the pipe
+    # (BrokenPipeError) under a process that is still saving.
+    exec >>"$LOG_DIR/${SLURM_JOB_NAME:-job}-$SLURM_JOB_ID-node${SLURM_NODEID:-0}.log" 2>&1
     if [[ -n "${VENV:-}" ]]; then
         # shellcheck disable=SC1091  # the user's environment
         source "$VENV/bin/activate"
@@ -207,7 +211,7 @@ batch_main() {
             "$((NNODES * GPUS_PER_NODE)) GPUs" >&2
     fi
     local srun_cmd=(srun --nodes "$NNODES" --ntasks-per-node "$GPUS_PER_NODE"
-        --kill-on-bad-exit=1 --label --output "$LOG_DIR/%x-%j-node%n.log" --open-mode append)
+        --kill-on-bad-exit=1 --output /dev/null)  # each task writes its node's log itself
     if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
         # The repository (and the run directory, if outside it) at the same paths; add your
         # data and tokenizer directories through CONTAINER_MOUNTS.
@@ -230,7 +234,8 @@ batch_main() {
     ON_TERM="" SRUN_PID=""
     trap on_term TERM
     echo "launch.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) starts" \
-        "$((NNODES * GPUS_PER_NODE)) tasks at $(date +%T); task logs in $LOG_DIR" >&2
+        "$((NNODES * GPUS_PER_NODE)) tasks at $(date +%T); their logs: $LOG_DIR/" \
+        "${SLURM_JOB_NAME:-job}-$SLURM_JOB_ID-node<N>.log" >&2
     "${srun_cmd[@]}" &
     SRUN_PID=$!
     if [[ "$ON_TERM" == requeue ]]; then  # TERM arrived while srun was being started

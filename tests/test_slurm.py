@@ -125,8 +125,9 @@ def test_container_flags_reach_srun():
 
 
 def test_each_task_takes_its_rank_from_slurm(tmp_path):
-    """``launch.sh --task`` (what srun runs) maps SLURM_* to torch.distributed's variables and
-    becomes the training process itself (exec: Slurm's signals reach it directly)."""
+    """``launch.sh --task`` (what srun runs) maps SLURM_* to torch.distributed's variables,
+    writes its node's log itself (not through srun's I/O, which ends first when Slurm signals
+    the job) and becomes the training process itself (exec: Slurm's signals reach it)."""
     stub = tmp_path / "python"
     stub.write_text(
         '#!/usr/bin/env bash\necho "PID=$$ RANK=$RANK WORLD_SIZE=$WORLD_SIZE '
@@ -135,16 +136,18 @@ def test_each_task_takes_its_rank_from_slurm(tmp_path):
     stub.chmod(0o755)
     env = _clean_env(
         PYTHON=str(stub), SLURM_PROCID="13", SLURM_NTASKS="16", SLURM_LOCALID="5",
-        SLURM_JOB_ID="77", DATA_PATH="/d", TOKENIZER_MODEL="/t",
+        SLURM_NODEID="1", SLURM_JOB_ID="77", SLURM_JOB_NAME="t", LOG_DIR=str(tmp_path),
+        DATA_PATH="/d", TOKENIZER_MODEL="/t",
     )  # fmt: skip
     proc = subprocess.run(
         ["bash", "-c", f'echo "SHELL=$$"; exec bash {ROOT}/slurm/launch.sh --task '
          f'examples/mixtral_8x7b_64xh100.sh -- --train-iters 3'],
         env=env, capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
-    shell, task = proc.stdout.split()[0], proc.stdout.split("\n")[1]
+    shell = proc.stdout.split()[0].split("=")[1]
+    task = (tmp_path / "t-77-node1.log").read_text().strip()
     assert "RANK=13 WORLD_SIZE=16 LOCAL_RANK=5 LOCAL_WORLD_SIZE=8" in task
-    assert task.startswith(f"PID={shell.split('=')[1]} ")  # exec'd: the same process
+    assert task.startswith(f"PID={shell} ")  # exec'd: the same process
     assert task.endswith("--train-iters 3")
 
 

@@ -111,14 +111,25 @@ def writer_helper_ignores_term() -> None:
     Manager, made at the first save). Slurm signals every process of a job step on preemption,
     ``scontrol requeue`` or ``scancel``; a helper killed by that TERM made the very save the
     TERM asks for fail (BrokenPipeError, an ``iter_N.partial`` left behind). The same queue,
-    from a Manager whose process ignores TERM, is put where Megatron looks for it; the queue
-    proxy keeps its Manager (and so the helper) alive, and the helper ends with this process."""
+    from a Manager whose process ignores TERM (its initializer, which runs before it answers),
+    is put where Megatron looks for it; the queue proxy keeps its Manager (and so the helper)
+    alive, and the helper ends with this process. A TERM that reaches the helper while it is
+    still starting (half a second of Python start-up) kills it before the initializer runs:
+    the start then fails at once (EOFError), and a second helper, started after that signal,
+    is safe."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
+    if filesystem_async._results_queue is not None:
+        return
+    for _ in range(3):
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_ignore_term)
+        try:
+            manager.start(initializer=_ignore_term)
+        except (EOFError, OSError):  # killed while starting: see above
+            continue
         filesystem_async._results_queue = manager.Queue()
+        return
+    raise RuntimeError("the checkpoint writer's helper process died three times while starting")
 
 
 def _save(args, state, model, optimizer, scheduler, partial: str, final: str) -> str:
