@@ -19,6 +19,7 @@ import os
 
 from megatron_ext.layout import LayoutError, check_environment, unhonoured, validate
 from megatron_ext.model.presets import PRESETS
+from megatron_ext.model.stack import parse_moe_layer_freq
 
 __all__ = ["LayoutError", "build_parser", "check_environment", "parse_args"]
 
@@ -53,23 +54,48 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _moe_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("mixture of experts")
+    g = p.add_argument_group("mixture of experts (docs/moe.md has every formula)")
     g.add_argument("--num-experts", type=int)
-    g.add_argument("--moe-router-topk", type=int)
+    g.add_argument("--moe-ffn-hidden-size", type=int, help="expert FFN width (default: FFN)")
     g.add_argument(
-        "--moe-router-load-balancing-type",
-        default="aux_loss",
-        choices=["aux_loss", "none"],
+        "--moe-layer-freq",
+        type=parse_moe_layer_freq,
+        default=None,
+        help='N: every N-th layer is MoE (layer i when i %% N == 0); or "[0]*1+[1]*27"',
     )
-    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int)
+    g.add_argument("--moe-shared-expert-gate", action="store_true", default=None)
+    g.add_argument("--moe-shared-expert-overlap", action="store_true")
+    g.add_argument("--moe-router-topk", type=int)
+    g.add_argument("--moe-router-pre-softmax", action="store_true", default=None)
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    g.add_argument("--moe-router-num-groups", type=int, default=None)
+    g.add_argument("--moe-router-group-topk", type=int, default=None)
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"])  # fmt: skip
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None)
     g.add_argument(
         "--moe-router-enable-expert-bias",
         action="store_true",
         help="auxiliary-loss-free balancing (DeepSeek-V3); needs sigmoid scores",
     )
+    g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None)
+    g.add_argument(
+        "--moe-router-force-load-balancing",
+        action="store_true",
+        help="benchmarks only: route on random logits (uniform load), not on the model",
+    )
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument(
+        "--moe-expert-capacity-factor",
+        type=float,
+        default=None,
+        help="opt into token dropping at this capacity factor (default: dropless)",
+    )
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     g.add_argument("--moe-grouped-gemm", action="store_true")
     g.add_argument(
         "--moe-token-dispatcher-type",
@@ -249,6 +275,11 @@ _PRESET_FLAGS = {
     "num_query_groups": "num_query_groups",
     "num_experts": "num_experts",
     "moe_router_topk": "moe_router_topk",
+    "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
+    "moe_layer_freq": "moe_layer_freq",
+    "moe_router_pre_softmax": "moe_router_pre_softmax",
+    "moe_router_score_function": "moe_router_score_function",
     "seq_length": "seq_length",
     "max_position_embeddings": "max_position_embeddings",
     "rotary_base": "rotary_base",
@@ -273,6 +304,10 @@ _MEGATRON_DEFAULTS = {
     "untie_embeddings_and_output_weights": False,
     "rotary_base": 10000.0,
     "moe_router_topk": 2,
+    "moe_layer_freq": 1,
+    "moe_router_pre_softmax": False,
+    "moe_router_score_function": "softmax",
+    "moe_shared_expert_gate": False,
 }
 
 
@@ -280,6 +315,8 @@ def _apply_preset(args: argparse.Namespace) -> None:
     if args.model:
         arch = PRESETS[args.model]
         values = {dest: getattr(arch, field) for dest, field in _PRESET_FLAGS.items()}
+        if isinstance(values["moe_layer_freq"], tuple):
+            values["moe_layer_freq"] = list(values["moe_layer_freq"])
         values.update(_MIXTRAL_FIXED)
         for dest, value in values.items():
             given = getattr(args, dest)

@@ -17,6 +17,10 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class LayoutError(UsageError, ValueError):
+    """An invalid combination of flags, found before any model is built."""
+
+
 class TrainingStopped(UsageError):
     """Training cannot go on (non-finite loss or gradients); the message says where to resume."""
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
-from megatron_ext.errors import UsageError
+from megatron_ext.errors import LayoutError
+from megatron_ext.moe_checks import check_moe, moe_unhonoured
 
-
-class LayoutError(UsageError, ValueError):
-    """An invalid combination of flags, found before any model is built."""
+__all__ = ["LayoutError", "check_environment", "unhonoured", "validate"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -40,6 +39,10 @@ POSITIVE_IF_GIVEN = (
 NON_NEGATIVE = (
     "eval_iters", "lr_warmup_iters", "seed", "lr", "min_lr", "weight_decay", "clip_grad",
     "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate",
+)  # fmt: skip
+POSITIVE_IF_GIVEN += (
+    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
+    "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_expert_capacity_factor",
 )  # fmt: skip
 FRACTION = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")  # in [0, 1)
 
@@ -153,6 +156,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         f"--num-attention-heads {args.num_attention_heads} is not divisible by "
         f"--num-query-groups {args.num_query_groups}",
     )
+    check_moe(args)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     mb = args.micro_batch_size
@@ -307,4 +311,4 @@ def unhonoured(args: argparse.Namespace) -> list[str]:
         notes.append("--wandb-project/--wandb-exp-name: W&B is not wired in; use --tensorboard-dir")
     if args.num_workers:
         notes.append("--num-workers: batches are read in the training process")
-    return notes
+    return notes + moe_unhonoured(args)

@@ -21,6 +21,8 @@ import re
 import numpy as np
 import torch
 
+from megatron_ext.model.stack import moe_layer_pattern
+
 
 def _peaks(bf16: float, fp8: float | None, tf32: float) -> dict[str, float]:
     out = {"bf16": bf16, "fp16": bf16, "fp32": tf32}  # fp32 matmuls: the TF32 tensor-core peak
@@ -55,18 +57,25 @@ def device_peak(name: str, precision: str) -> float | None:
     return None
 
 
+def mlp_flops_per_token(args: argparse.Namespace) -> float:
+    """Forward FLOPs per token of every layer's MLP part: an MoE layer's router ``2*H*E``, its
+    top-k routed experts ``k * 6*H*Fe`` and shared experts ``6*H*Fs``; a dense layer's
+    ``6*H*F`` (``--moe-layer-freq``)."""
+    h = args.hidden_size
+    fe = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    fs = getattr(args, "moe_shared_expert_intermediate_size", None) or 0
+    moe = 2 * h * args.num_experts + args.moe_router_topk * 3 * 2 * h * fe + 3 * 2 * h * fs
+    pattern = moe_layer_pattern(getattr(args, "moe_layer_freq", 1), args.num_layers)
+    n_moe = sum(pattern)
+    return n_moe * moe + (args.num_layers - n_moe) * 3 * 2 * h * args.ffn_hidden_size
+
+
 def training_flops_per_token(args: argparse.Namespace) -> float:
-    h, f, s = args.hidden_size, args.ffn_hidden_size, args.seq_length
+    h, s = args.hidden_size, args.seq_length
     d = h // args.num_attention_heads
     q, kv = args.num_attention_heads * d, args.num_query_groups * d
-    per_layer = (
-        2 * h * (q + 2 * kv)
-        + 2 * q * h
-        + 2 * 2 * s * q / 2
-        + 2 * h * args.num_experts
-        + args.moe_router_topk * 3 * 2 * h * f
-    )
-    forward = args.num_layers * per_layer + 2 * h * args.vocab_size
+    attention = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 2 * s * q / 2
+    forward = args.num_layers * attention + mlp_flops_per_token(args) + 2 * h * args.vocab_size
     return 3.0 * forward
 
 

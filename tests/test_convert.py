@@ -234,6 +234,83 @@ def test_upcycled_model_computes_the_dense_model(kind, world, layout, tmp_path):
         assert gate.shape == (4, 64) and 0.015 < gate.std().item() < 0.025
 
 
+@pytest.mark.parametrize(
+    "method,experts,topk,extra",
+    [
+        ("partition", 4, 4, dict(order="random")),
+        ("partition", 3, 3, dict(order="contiguous", shared_groups=1)),
+        ("copy", 4, 2, dict(granularity=2)),
+    ],
+    ids=["partition-random", "partition-shared", "copy-granularity2"],
+)
+def test_fine_grained_upcycling_computes_the_dense_model(method, experts, topk, extra, tmp_path):
+    """LLaMA-MoE partitioning and granular copies: at step 0 (zero / repeated router rows and
+    the printed --moe-router-topk-scaling-factor) the logits are the dense model's."""
+    torch.manual_seed(4)
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, rope_theta=1e4)).eval()
+    src = _save_hf(dense, str(tmp_path / "dense"), "60KB")
+    out = str(tmp_path / "moe")
+    arch = upcycle.upcycle(src, out, experts, topk, seed=9, method=method, **extra)
+    groups = experts + extra.get("shared_groups", 0)
+    width = 128 // (groups if method == "partition" else extra["granularity"])
+    assert arch.moe_ffn_hidden_size == width
+    assert arch.moe_router_topk_scaling_factor == (experts if method == "partition" else 2)
+    _check_matches(dense, out, arch.flags(), 1)
+    # The experts' neurons: a partition covers every dense neuron once, in sorted groups.
+    stored = run_on_ranks(_stored_mlp, 1, args=(checkpointing.iteration_dir(out, 0),))[0]
+    w13, w2 = stored["fc1"][0], stored["fc2"][0]  # layer 0: [E, 2Fe, H], [E, H, Fe]
+    gate = dense.model.layers[0].mlp.gate_proj.weight.detach()
+    down = dense.model.layers[0].mlp.down_proj.weight.detach()
+    rows = [torch.cat([gate[i] for i in range(128) if torch.equal(gate[i], r)]) for r in w13[0,
+            :width]]  # fmt: skip
+    assert len(rows) == width
+    if method == "partition":
+        parts = [w2[e] for e in range(experts)]
+        if "shared" in stored:
+            parts.append(stored["shared_fc2"][0])
+        assert torch.equal(torch.cat(parts, dim=1).sort(dim=1).values, down.sort(dim=1).values)
+        assert torch.count_nonzero(stored["router"][0]) == 0
+    else:  # expert e = segment e mod 2; experts 2j, 2j+1 share a router row
+        assert torch.equal(w2[1], down[:, 64:]) and torch.equal(w2[2], down[:, :64])
+        router = stored["router"][0]
+        assert torch.equal(router[0], router[1]) and not torch.equal(router[1], router[2])
+
+
+def _stored_mlp(path):
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.convert import hf
+
+    state = dist_checkpointing.load_plain_tensors(path)
+    out = {
+        "fc1": state[hf.FC1],
+        "fc2": state[hf.FC2],
+        "router": state["decoder.layers.mlp.router.weight"],
+    }
+    if "decoder.layers.mlp.shared_experts.linear_fc2.weight" in state:
+        out["shared"] = True
+        out["shared_fc2"] = state["decoder.layers.mlp.shared_experts.linear_fc2.weight"]
+    return out
+
+
+def test_training_runs_from_a_partitioned_model(tmp_path):
+    torch.manual_seed(5)
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, rope_theta=1e4))
+    src = _save_hf(dense, str(tmp_path / "dense"), "60KB")
+    out = str(tmp_path / "moe")
+    arch = upcycle.upcycle(src, out, 4, 2, method="partition", shared_groups=0)
+    argv = _argv(out, arch.flags(), "--train-iters 3 --lr 1e-3 --expert-model-parallel-size 2")
+    argv[argv.index("--train-iters") + 1] = "3"
+    losses = run_on_ranks(_train, 2, args=(argv,))[-1]
+    assert len(losses) == 3 and all(x == x for x in losses) and losses[-1] < losses[0] + 0.5
+
+
+def _train(argv):
+    import pretrain_mixtral
+
+    return pretrain_mixtral.run(argv)
+
+
 # ---------------------------------------------------------------------------------- errors
 def _tamper(src: str, dst: str, config=None, tensor=None):
     """A copy of the HF checkpoint ``src`` with config.json fields changed, or one tensor

@@ -88,7 +88,7 @@ SHAPES = [
     (name, etp)
     for name, arch in PRESETS.items()
     for etp in (1, 2, 4, 8)
-    if arch.ffn_hidden_size % etp == 0
+    if arch.expert_ffn % etp == 0
 ]
 
 
@@ -97,7 +97,7 @@ def test_every_expert_shape_we_build_passes_cuda_grouped_gemm_rules(name, etp):
     from megatron_ext.moe.experts import grouped_mm_eligible
 
     arch = PRESETS[name]
-    ffn_shard = arch.ffn_hidden_size // etp
+    ffn_shard = arch.expert_ffn // etp
     assert grouped_mm_eligible(torch.bfloat16, (9, 0), arch.hidden_size, ffn_shard)
     _grouped_mm_on_meta(arch.hidden_size, ffn_shard, max(arch.num_experts // 8, 1))
 

@@ -199,8 +199,8 @@ def test_expert_bias_routes_and_counts():
 
 
 def test_unsupported_settings_are_refused():
-    with pytest.raises(ValueError, match="dropless"):
-        _layer(moe_expert_capacity_factor=1.0)
+    with pytest.raises(ValueError, match="moe_input_jitter_eps"):
+        _layer(moe_input_jitter_eps=0.01)
     with pytest.raises(ValueError, match="add_bias_linear"):
         SMoELayer(moe_config(add_bias_linear=True))
     layer = _layer()

@@ -6,6 +6,7 @@ from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_f
 from moe_reference import reference_aux_loss, reference_z_loss, reference_z_loss_float
 
 from megatron_ext.moe import (
+    RouterOptions,
     attach_loss,
     gate_logits,
     load_balancing_loss,
@@ -45,7 +46,7 @@ def test_softmax_over_selected_and_pre_softmax():
     assert torch.equal(r.topk_ids_TK, top_ids)
     torch.testing.assert_close(r.probs_TK, top_vals / top_vals.sum(-1, keepdim=True))
     torch.testing.assert_close(r.scores_TE, full)
-    pre = topk_route(logits, 2, pre_softmax=True)
+    pre = topk_route(logits, RouterOptions(2, pre_softmax=True))
     torch.testing.assert_close(pre.probs_TK, top_vals)  # not renormalised
     # Gradients reach only the selected logits.
     logits.requires_grad_(True)
@@ -57,7 +58,7 @@ def test_softmax_over_selected_and_pre_softmax():
 
 def test_sigmoid_score_function():
     logits = _logits(seed=3)
-    r = topk_route(logits, 2, score_function="sigmoid")
+    r = topk_route(logits, RouterOptions(2, score_function="sigmoid"))
     sig = torch.sigmoid(logits)
     vals, ids = torch.topk(sig, 2)
     assert torch.equal(r.topk_ids_TK, ids)
@@ -98,7 +99,7 @@ def test_z_loss_equals_formula(seed):
 def test_expert_bias_changes_selection_not_weights():
     logits = _logits(seed=4)
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0])
-    r = topk_route(logits, 2, expert_bias_E=bias)
+    r = topk_route(logits, 2, bias)
     assert torch.all((r.topk_ids_TK == 7).any(dim=1))  # expert 7 always selected
     expected = torch.softmax(logits.gather(1, r.topk_ids_TK), dim=-1)
     torch.testing.assert_close(r.probs_TK, expected)  # weights from the unbiased logits
@@ -129,7 +130,7 @@ def test_routing_logsumexp_shortcut(variant):
     logits = _logits(seed=5, scale=6.0).double().requires_grad_(True)
     bias = torch.tensor([0.0] * 7 + [3.0]) if variant == "softmax-bias" else None
     fn = "sigmoid" if variant == "sigmoid" else "softmax"
-    r = topk_route(logits, 2, score_function=fn, expert_bias_E=bias)
+    r = topk_route(logits, RouterOptions(2, score_function=fn), bias)
     expected = torch.logsumexp(logits, dim=-1)
     torch.testing.assert_close(r.logsumexp_T, expected, rtol=1e-12, atol=1e-12)
     (g,) = torch.autograd.grad(z_loss(logits, r.logsumexp_T), logits)

@@ -116,6 +116,13 @@ STATIC_CASES = [
         "--ffn-hidden-size 256 --num-attention-heads 8 --vocab-size 32000 --num-layers 1",
         id="bf16-distopt-two-buckets",  # 65M parameters: DDP cuts a 40M-element bucket
     ),
+    pytest.param(
+        4,
+        "--model tiny-deepseek --bf16 --use-distributed-optimizer --pipeline-model-parallel-size"
+        " 2 --expert-model-parallel-size 2 --tensor-model-parallel-size 1 --global-batch-size 4"
+        " --moe-shared-expert-gate --seq-length 32",
+        id="deepseek-mixed-stack-shared-gate-PP2-EP2",  # dense layer 0 on stage 0 only
+    ),
 ]
 
 

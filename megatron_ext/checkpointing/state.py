@@ -35,6 +35,10 @@ ARCH_FIELDS = (
     "swiglu",
     "untie_embeddings_and_output_weights",
     "position_embedding_type",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+    "moe_layer_freq",
 )
 # Saved for information and for the HF converter; they do not change tensor shapes.
 HPARAM_FIELDS = (

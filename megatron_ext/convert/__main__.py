@@ -65,12 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-config", help="a config.json whose other fields (token ids...) to keep")
     b.add_argument("--rotary-base", type=float, help="if the checkpoint does not record it")
     b.add_argument("--norm-epsilon", type=float, help="if the checkpoint does not record it")
-    c = sub.add_parser("upcycle", help="dense Llama/Mistral HF -> Mixtral-style checkpoint")
+    c = sub.add_parser("upcycle", help="dense Llama/Mistral HF -> SMoE checkpoint")
     _common(c)
     c.add_argument("--num-experts", type=int, required=True)
     c.add_argument("--moe-router-topk", type=int, default=2)
     c.add_argument("--router-init-std", type=float, default=0.02)
     c.add_argument("--seed", type=int, default=1234)
+    c.add_argument(
+        "--method",
+        choices=["copy", "partition"],
+        default="copy",
+        help="copy: every expert is the dense FFN (or a --granularity segment of it); "
+        "partition: the FFN's neurons split into disjoint experts (LLaMA-MoE)",
+    )
+    c.add_argument("--granularity", type=int, default=1, help="copy: experts of FFN/G")
+    c.add_argument(
+        "--partition-order",
+        choices=["random", "contiguous"],
+        default="random",
+        help="partition: neurons grouped at random (--seed) or in order",
+    )
+    c.add_argument(
+        "--num-shared-groups",
+        type=int,
+        default=0,
+        help="partition: S more neuron groups form one shared expert",
+    )
     return p
 
 
@@ -101,6 +121,10 @@ def run(args: argparse.Namespace) -> None:
             dtype,
             meter,
             _targets(args),
+            method=args.method,
+            granularity=args.granularity,
+            order=args.partition_order,
+            shared_groups=args.num_shared_groups,
         )
     else:
         template = None

@@ -44,8 +44,11 @@ def check_targets(arch: Arch, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
             f"TP {tp} must divide heads {arch.num_attention_heads} and KV groups "
             f"{arch.num_query_groups}"
         )
-    if arch.ffn_hidden_size % tp:
-        problems.append(f"TP {tp} must divide the FFN size {arch.ffn_hidden_size}")
+    for width in (
+        arch.ffn_hidden_size, arch.moe_ffn_hidden_size, arch.moe_shared_expert_intermediate_size
+    ):  # fmt: skip
+        if width and width % tp:
+            problems.append(f"TP {tp} must divide the FFN size {width}")
     if arch.num_layers % pp:
         problems.append(f"PP {pp} must divide the {arch.num_layers} layers")
     if arch.num_experts and arch.num_experts % ep:
@@ -127,7 +130,25 @@ def arch_from_checkpoint(common: dict, overrides: dict | None = None) -> Arch:
         wrong["num_experts"] = saved.get("num_experts")
     if wrong:
         raise ConversionError(f"not a Mixtral-style checkpoint: {wrong}")
+    beyond = [
+        text
+        for text, present in (
+            (
+                "shared experts (--moe-shared-expert-intermediate-size)",
+                saved.get("moe_shared_expert_intermediate_size"),
+            ),
+            ("dense layers (--moe-layer-freq)", saved.get("moe_layer_freq", 1) != 1),
+        )  # fmt: skip
+        if present
+    ]
+    if beyond:
+        raise ConversionError(
+            "the Mixtral format has no " + " and no ".join(beyond) + ": this checkpoint "
+            "cannot be written as MixtralForCausalLM"
+        )
     fields = {f: saved[f] for f in Arch.__dataclass_fields__ if f in saved}
+    if saved.get("moe_ffn_hidden_size"):  # Mixtral's intermediate_size is the experts' width
+        fields["ffn_hidden_size"] = saved["moe_ffn_hidden_size"]
     for f in ("rotary_base", "norm_epsilon", "max_position_embeddings", "window_size"):
         if hp.get(f) is not None:
             fields[f] = hp[f]

@@ -60,6 +60,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+_MOE_FLAGS = (
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_router_topk_scaling_factor",
+)
+
+
 class ConversionError(UsageError, ValueError):
     """The input cannot be converted (unsupported architecture, missing or unknown tensors)."""
 
@@ -81,6 +88,9 @@ class Arch:
     norm_epsilon: float = 1e-5
     max_position_embeddings: int = 32768
     window_size: int | None = None
+    moe_ffn_hidden_size: int | None = None  # upcycle --granularity / --method partition
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_router_topk_scaling_factor: float | None = None  # what makes step 0 the dense model
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +116,9 @@ class Arch:
             "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights,
             "position_embedding_type": "rope",
         }
+        for field in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(self, field):
+                arch[field] = getattr(self, field)
         hparams = {
             "rotary_base": self.rotary_base,
             "norm_epsilon": self.norm_epsilon,
@@ -127,6 +140,9 @@ class Arch:
             f"--norm-epsilon {self.norm_epsilon:g}",
             f"--max-position-embeddings {self.max_position_embeddings}",
         ]
+        for field in _MOE_FLAGS:
+            if getattr(self, field):
+                parts.append(f"--{field.replace('_', '-')} {getattr(self, field):g}")
         if self.untie_embeddings_and_output_weights:
             parts.append("--untie-embeddings-and-output-weights")
         if self.window_size:

@@ -1,9 +1,10 @@
-"""Mixtral on Megatron-Core: flags -> ``TransformerConfig`` -> ``GPTModel`` with our SMoE layer.
+"""MoE GPT on Megatron-Core: flags -> ``TransformerConfig`` -> ``GPTModel`` with our SMoE layer.
 
 ``transformer_config(args)`` is the one visible place where command-line flags become
 Megatron-Core config fields. ``layer_spec(config, impl)`` takes Megatron-Core's own GPT layer spec
 (``local``: pure PyTorch; ``transformer_engine``: TE attention, norms and FP8, import-guarded) and
-puts our top-2 dropless SMoE layer in the MLP slot. ``build_model(args, config)`` returns the
+puts our SMoE layer in the MLP slot (Megatron-Core's dense MLP in the dense layers of a mixed
+stack, ``--moe-layer-freq``). ``build_model(args, config)`` returns the
 list of model chunks for this pipeline rank (one per virtual stage).
 """
 
@@ -25,8 +26,10 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_ext.model.norm import SequenceParallelNorm
+from megatron_ext.model.stack import moe_layer_pattern
 
 try:  # Transformer Engine needs CUDA; its spec is only offered where it imports.
     import transformer_engine  # noqa: F401
@@ -69,14 +72,27 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         window_size=window,
         # mixture of experts (our SMoE layer reads these)
         num_moe_experts=args.num_experts,
-        moe_ffn_hidden_size=args.ffn_hidden_size,
+        moe_layer_freq=args.moe_layer_freq,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_shared_expert_overlap=False,  # accepted, runs in line: layout.unhonoured says so
         moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_dtype=args.moe_router_dtype,
+        moe_router_force_load_balancing=args.moe_router_force_load_balancing,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_router_score_function=args.moe_router_score_function,
         moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_drop_policy=args.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         moe_grouped_gemm=args.moe_grouped_gemm and not args.cpu,
         moe_token_dispatcher_type="alltoall",
         # parallelism
@@ -111,10 +127,12 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
-def layer_spec(config: TransformerConfig, impl: str = "local") -> ModuleSpec:
-    """Megatron-Core's GPT layer spec for ``impl``, with our SMoE layer as the MLP."""
+def layer_spec(config: TransformerConfig, impl: str = "local", moe: bool = True) -> ModuleSpec:
+    """Megatron-Core's GPT layer spec for ``impl``: with our SMoE layer as the MLP, or (``moe``
+    False, a dense layer of a mixed stack) Megatron-Core's own MLP of ``ffn_hidden_size``."""
     from megatron_ext.moe import smoe_mlp_spec
 
+    num_experts = config.num_moe_experts if moe else None
     if impl == "transformer_engine":
         if not HAVE_TE:
             raise RuntimeError(
@@ -123,36 +141,45 @@ def layer_spec(config: TransformerConfig, impl: str = "local") -> ModuleSpec:
                 "local otherwise"
             )
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm
         )
     elif impl == "local":
-        spec = get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts, normalization=config.normalization
-        )
+        spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization=config.normalization)
         spec.submodules.input_layernorm = SequenceParallelNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
-        # The local spec maps pre_mlp_layernorm onto TE's fused dense-MLP name; with an MoE
-        # there is no fused fc1, so keep the plain name (the TE MoE spec uses it too) and
-        # checkpoints stay interchangeable between the two implementations.
-        spec.submodules.sharded_state_dict_keys_map = {
-            "input_layernorm.": "self_attention.linear_qkv.layer_norm_"
-        }
+        if moe:
+            # The local spec maps pre_mlp_layernorm onto TE's fused dense-MLP name; with an MoE
+            # there is no fused fc1, so keep the plain name (the TE MoE spec uses it too) and
+            # checkpoints stay interchangeable between the two implementations.
+            spec.submodules.sharded_state_dict_keys_map = {
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_"
+            }
     else:
         raise ValueError(f"unknown transformer implementation {impl!r}")
-    # The class itself rather than its ModuleSpec: TransformerLayer passes no extra kwargs to
-    # an MLP it does not know either way, but logs "Unknown MLP type" for every spec'd one.
-    spec.submodules.mlp = smoe_mlp_spec().module
+    if moe:
+        # The class itself rather than its ModuleSpec: TransformerLayer passes no extra kwargs
+        # to an MLP it does not know either way, but logs "Unknown MLP type" for every spec'd one.
+        spec.submodules.mlp = smoe_mlp_spec().module
     return spec
 
 
 def block_spec(config: TransformerConfig, impl: str, vp_stage: int | None):
-    """The decoder block of one model chunk: our layer spec, and for the local implementation a
-    final norm that works with sequence parallel (see ``norm.py``)."""
-    spec = layer_spec(config, impl)
-    if impl != "local":
-        return spec  # Megatron picks TE's final norm itself
+    """The decoder block of one model chunk: per layer our MoE spec or, where
+    ``--moe-layer-freq`` makes the layer dense, the dense one; the final norm works with
+    sequence parallel (``norm.py``) for the local implementation, TE's otherwise."""
+    pattern = moe_layer_pattern(config.moe_layer_freq, config.num_layers)
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=SequenceParallelNorm)
+    specs = {moe: layer_spec(config, impl, moe) for moe in set(pattern[first : first + n])}
+    if impl == "local":
+        norm = SequenceParallelNorm
+    else:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    return TransformerBlockSubmodules(
+        layer_specs=[specs[moe] for moe in pattern[first : first + n]], layer_norm=norm
+    )
 
 
 def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPTModel]:

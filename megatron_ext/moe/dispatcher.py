@@ -4,7 +4,8 @@ Shapes legend: T tokens routed on this rank, K top-k, N = T*K (token, choice) pa
 E experts (global), P EP ranks, L = E/P local experts, M rows received by this rank
 (``M = sum of tokens_per_local_expert``).
 
-Dispatch (no token is ever dropped):
+Dispatch (no token is dropped here; with an opt-in capacity, ``capacity.py`` marks the
+pairs to drop with the expert id E, which sorts last and is not sent):
 
 1. ``sorted_pair_N = stable_argsort(topk_ids_TK.flatten())``: (token, choice) pairs sorted by
    expert, ties in token order; ``x_NH = x_TH[sorted_pair_N // K]`` (one gather).
@@ -52,19 +53,25 @@ class MoEGroups:
 
     ``tp``: tensor parallel (token gather/scatter). ``ep``: expert-model parallel (all-to-all).
     ``expt_tp``: expert tensor parallel (FFN shards; must equal ``tp``). ``expt_dp``:
-    expert-data parallel (expert grads are reduced over it by Megatron's DDP).
+    expert-data parallel (expert grads are reduced over it by Megatron's DDP). ``dp``: data
+    parallel (``global_aux_loss`` sums its counts over it).
     """
 
     tp: object = None
     ep: object = None
     expt_tp: object = None
     expt_dp: object = None
+    dp: object = None
 
     @staticmethod
     def from_parallel_state(pg_collection=None) -> MoEGroups:
         if pg_collection is not None:
             return MoEGroups(
-                pg_collection.tp, pg_collection.ep, pg_collection.expt_tp, pg_collection.expt_dp
+                pg_collection.tp,
+                pg_collection.ep,
+                pg_collection.expt_tp,
+                pg_collection.expt_dp,
+                getattr(pg_collection, "dp", None),
             )
         if not parallel_state.model_parallel_is_initialized():
             return MoEGroups()  # single process, no torch.distributed (unit tests, benchmarks)
@@ -74,6 +81,7 @@ class MoEGroups:
             ps.get_expert_model_parallel_group(),
             ps.get_expert_tensor_parallel_group(),
             ps.get_expert_data_parallel_group(),
+            ps.get_data_parallel_group(),
         )
 
 
@@ -85,17 +93,19 @@ class _Permute(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, fwd_idx, bwd_idx, fold: int):
+    def forward(ctx, x, fwd_idx, bwd_idx, fold: int, rows: int):
         ctx.save_for_backward(bwd_idx)
-        ctx.fold = fold
+        ctx.fold, ctx.rows = fold, rows
         return x.index_select(0, fwd_idx)
 
     @staticmethod
     def backward(ctx, dy):
         (bwd_idx,) = ctx.saved_tensors
+        if dy.shape[0] < ctx.rows:  # dropped pairs (capacity) were not sent: zero gradient
+            dy = torch.cat([dy, dy.new_zeros(ctx.rows - dy.shape[0], *dy.shape[1:])])
         if ctx.fold == 1:
-            return dy.index_select(0, bwd_idx), None, None, None
-        return _gather_sum(dy, bwd_idx.view(-1, ctx.fold)), None, None, None
+            return dy.index_select(0, bwd_idx), None, None, None, None
+        return _gather_sum(dy, bwd_idx.view(-1, ctx.fold)), None, None, None, None
 
 
 def _gather_sum(src_NH, idx_TK, weights_TK=None):
@@ -148,8 +158,10 @@ def expert_counts(sorted_ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.diff(torch.searchsorted(sorted_ids_N, edges))
 
 
-def _permute(x, fwd_idx, bwd_idx, fold: int = 1):
-    return _Permute.apply(x, fwd_idx, bwd_idx, fold)
+def _permute(x, fwd_idx, bwd_idx, fold: int = 1, rows: int = 0):
+    """``x[fwd_idx]``; ``rows``: the rows the backward's ``bwd_idx`` expects (more than
+    ``fwd_idx`` selects when dropped pairs were left out)."""
+    return _Permute.apply(x, fwd_idx, bwd_idx, fold, rows)
 
 
 @dataclass(frozen=True)
@@ -164,11 +176,19 @@ class DispatchMeta:
     global_tokens_per_expert_E: torch.Tensor  # int64 counts summed over the EP group
     tokens_per_local_expert: tuple[int, ...]  # host ints: rows of each local expert (M total)
     tokens_per_local_expert_L: torch.Tensor  # the same on device (int64)
+    num_sent: int = -1  # pairs sent to experts (fewer than T*K when a capacity dropped some)
     send_splits: tuple[int, ...] = ()  # rows sent to each EP rank (empty when P == 1)
     recv_splits: tuple[int, ...] = ()  # rows received from each EP rank
     regroup_M: torch.Tensor | None = None  # (src, expert)-ordered row -> expert-ordered
     ungroup_M: torch.Tensor | None = None  # inverse of regroup_M
     ep_group: object = None
+
+
+def _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k: int, num_sent: int):
+    """``x_NH``: the token of each sorted pair, without the dropped pairs (sorted last)."""
+    n = sorted_token_N.numel()
+    fwd = sorted_token_N if num_sent == n else sorted_token_N[:num_sent]
+    return _permute(x_TH, fwd, pair_to_sorted_N, fold=k, rows=n)
 
 
 def dispatch(
@@ -184,12 +204,12 @@ def dispatch(
     sorted_ids_N, sorted_pair_N = torch.sort(ids_N, stable=True)
     pair_to_sorted_N = _inverse(sorted_pair_N)
     sorted_token_N = sorted_pair_N // k
-    x_NH = _permute(x_TH, sorted_token_N, pair_to_sorted_N, fold=k)
-    counts_E = expert_counts(sorted_ids_N, num_experts)
+    counts_E = expert_counts(sorted_ids_N, num_experts)  # the sentinel id E is not counted
 
     p = group_size(ep_group)
     if p == 1:
         host = tuple(counts_E.tolist())
+        x_NH = _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k, sum(host))
         meta = DispatchMeta(
             topk=k,
             sorted_pair_N=sorted_pair_N,
@@ -199,6 +219,7 @@ def dispatch(
             global_tokens_per_expert_E=counts_E,
             tokens_per_local_expert=host,
             tokens_per_local_expert_L=counts_E,
+            num_sent=sum(host),
         )
         return x_NH, meta
 
@@ -212,6 +233,7 @@ def dispatch(
     recv = tuple(sum(host[src][me]) for src in range(p))
     local = tuple(sum(host[src][me][e] for src in range(p)) for e in range(n_local))
     local_L = counts_PPL[:, me].sum(dim=0)
+    x_NH = _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k, sum(send))
     x_recv = all_to_all(x_NH, recv, send, ep_group)
 
     regroup = ungroup = None
@@ -238,6 +260,7 @@ def dispatch(
         regroup_M=regroup,
         ungroup_M=ungroup,
         ep_group=ep_group,
+        num_sent=sum(send),
     )
     return x_recv, meta
 
@@ -249,6 +272,8 @@ def combine(y_MH: torch.Tensor, probs_TK: torch.Tensor, meta: DispatchMeta) -> t
     if meta.send_splits:
         y_MH = all_to_all(y_MH, meta.send_splits, meta.recv_splits, meta.ep_group)
     num_tokens, k = probs_TK.shape
+    if meta.num_sent < num_tokens * k:  # dropped pairs: zero rows (their weights are 0 too)
+        y_MH = F.pad(y_MH, (0, 0, 0, num_tokens * k - meta.num_sent))
     return _WeightedUnpermute.apply(
         y_MH,
         probs_TK,

@@ -29,21 +29,45 @@ enabled only, so activation recomputation does not count twice) the routed token
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_ext.moe.balancing import (
+    LOAD_BALANCING_TYPES,
+    aux_loss_counts,
+    load_balancing_loss,
+    seq_load_balancing_loss,
+    z_loss,
+)
+from megatron_ext.moe.capacity import (
+    DROP_POLICIES,
+    drop_over_capacity,
+    expert_capacity,
+    pad_expert_input,
+    padded_index,
+    unpad_expert_output,
+)
 from megatron_ext.moe.dispatcher import (
     MoEGroups,
     combine,
     copy_to_tp,
     dispatch,
     gather_tokens,
+    group_rank,
     group_size,
     scatter_output,
 )
 from megatron_ext.moe.experts import GroupedExperts
-from megatron_ext.moe.router import TopKRouter, attach_loss, load_balancing_loss, z_loss
+from megatron_ext.moe.router import TopKRouter, attach_loss
+from megatron_ext.moe.routing import ROUTER_DTYPES, RouterOptions
 
 _STAT_BUFFERS = ("moe_tokens_per_expert", "moe_aux_loss_sum", "moe_z_loss_sum", "moe_microbatches")
 
@@ -53,21 +77,30 @@ def _check_config(config) -> None:
     bad = []
     if not config.num_moe_experts:
         bad.append("num_moe_experts must be set")
-    if config.moe_expert_capacity_factor is not None:
-        bad.append("moe_expert_capacity_factor: the layer is dropless")
-    if config.moe_router_load_balancing_type not in ("aux_loss", "none"):
-        bad.append("moe_router_load_balancing_type must be 'aux_loss' or 'none'")
+    if config.moe_router_load_balancing_type not in LOAD_BALANCING_TYPES:
+        bad.append(f"moe_router_load_balancing_type must be one of {LOAD_BALANCING_TYPES}")
     if config.moe_router_score_function not in ("softmax", "sigmoid"):
         bad.append("moe_router_score_function must be 'softmax' or 'sigmoid'")
-    for name in (
-        "moe_router_num_groups",
-        "moe_router_group_topk",
-        "moe_router_topk_scaling_factor",
-        "moe_shared_expert_intermediate_size",
-        "moe_input_jitter_eps",
-    ):
-        if getattr(config, name, None):
-            bad.append(f"{name} is not supported")
+    if config.moe_router_dtype not in (None, *ROUTER_DTYPES):
+        bad.append(f"moe_router_dtype must be one of {tuple(ROUTER_DTYPES)}")
+    groups, group_topk, e, k = (
+        config.moe_router_num_groups,
+        config.moe_router_group_topk,
+        config.num_moe_experts,
+        config.moe_router_topk,
+    )
+    if bool(groups) != bool(group_topk):
+        bad.append("moe_router_num_groups and moe_router_group_topk go together")
+    elif groups and (e % groups or group_topk > groups or k % group_topk):
+        bad.append(
+            f"group-limited routing needs num_moe_experts ({e}) divisible by "
+            f"moe_router_num_groups ({groups}), moe_router_group_topk ({group_topk}) <= the "
+            f"groups, and moe_router_topk ({k}) divisible by moe_router_group_topk"
+        )
+    if config.moe_token_drop_policy not in DROP_POLICIES:
+        bad.append(f"moe_token_drop_policy must be one of {DROP_POLICIES}")
+    if config.moe_input_jitter_eps:
+        bad.append("moe_input_jitter_eps is not supported")
     if config.add_bias_linear:
         bad.append("experts and gate have no bias: set add_bias_linear=False")
     etp = config.expert_tensor_parallel_size
@@ -75,6 +108,23 @@ def _check_config(config) -> None:
         bad.append("expert_tensor_parallel_size must equal tensor_model_parallel_size")
     if bad:
         raise ValueError("SMoELayer: " + "; ".join(bad))
+
+
+def _shared_experts(config, groups: MoEGroups):
+    """Megatron-Core's SharedExpertMLP (a dense SwiGLU MLP of width
+    ``moe_shared_expert_intermediate_size``, column/row parallel over TP, optional sigmoid gate
+    ``gate_weight [1, H]``), or None. Overlap is Megatron's dispatcher's job; here it runs in
+    line, so the module is built without it (its TP communication stays inside)."""
+    if not config.moe_shared_expert_intermediate_size:
+        return None
+    cfg = dataclasses.replace(config, moe_shared_expert_overlap=False)
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return SharedExpertMLP(
+        cfg,
+        submodules,
+        gate=config.moe_shared_expert_gate,
+        pg_collection=SimpleNamespace(tp=groups.tp),
+    )
 
 
 class SMoELayer(MegatronModule):
@@ -100,18 +150,19 @@ class SMoELayer(MegatronModule):
         self.router = TopKRouter(
             self.num_experts,
             config.hidden_size,
-            self.topk,
-            score_function=config.moe_router_score_function,
-            pre_softmax=config.moe_router_pre_softmax,
+            RouterOptions.from_config(config),
             enable_expert_bias=config.moe_router_enable_expert_bias,
+            global_aux_loss=config.moe_router_load_balancing_type == "global_aux_loss",
             params_dtype=config.params_dtype,
             device=device,
+            noise_seed=1000 * (layer_number or 0) + group_rank(self.groups.ep),
         )
         if config.perform_initialization:
             # Default RNG: identical on every rank, like Megatron's router (replicated weight).
             with torch.no_grad():
                 config.init_method(self.router.weight)
         self.experts = GroupedExperts(config, self.groups, self.num_experts)
+        self.shared_experts = _shared_experts(config, self.groups)
         zeros = dict(device=device)
         self.register_buffer(
             "moe_tokens_per_expert",
@@ -151,22 +202,71 @@ class SMoELayer(MegatronModule):
         if tp > 1:  # forward identity, backward all-reduce: the gate grads are partial per TP rank
             weight_EH = copy_to_tp(weight_EH, tp_group)
         routing = self.router(x_TH, weight_EH)
-        x_MH, meta = dispatch(x_TH, routing.topk_ids_TK, self.num_experts, self.groups.ep)
-        y_MH = self.experts(x_MH, meta.tokens_per_local_expert, meta.tokens_per_local_expert_L)
-        y_TH = combine(y_MH, routing.probs_TK, meta)
+        ids_TK, probs_TK, capacity = routing.topk_ids_TK, routing.probs_TK, 0
+        if cfg.moe_expert_capacity_factor is not None:
+            capacity = expert_capacity(
+                x_TH.shape[0], self.topk, self.num_experts, cfg.moe_expert_capacity_factor
+            )
+            ids_TK, probs_TK = drop_over_capacity(
+                ids_TK, probs_TK, self.num_experts, capacity, cfg.moe_token_drop_policy
+            )
+        x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, self.groups.ep)
+        pad_to = capacity if cfg.moe_pad_expert_input_to_capacity else 0
+        y_MH = self._run_experts(x_MH, meta, pad_to)
+        y_TH = combine(y_MH, probs_TK, meta)
         out = scatter_output(y_TH.view(x.shape), tp_group, cfg.sequence_parallel)
-        return self._apply_losses(out, routing, meta, tp), None
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return self._apply_losses(out, routing, meta, tp, x.shape[1]), None
 
-    def _apply_losses(self, out, routing, meta, tp: int):
+    def _run_experts(self, x_MH, meta, capacity: int):
+        """The local experts on their rows; with ``capacity`` (padding to capacity) every
+        expert's input is first padded with zero rows to ``EP * capacity``."""
+        splits = meta.tokens_per_local_expert
+        if not capacity:
+            return self.experts(x_MH, splits, meta.tokens_per_local_expert_L)
+        rows = capacity * group_size(self.groups.ep)
+        index_M = padded_index(splits, rows, x_MH.device)
+        padded = pad_expert_input(x_MH, index_M, rows * len(splits))
+        splits_L = torch.full_like(meta.tokens_per_local_expert_L, rows)
+        y = self.experts(padded, (rows,) * len(splits), splits_L)
+        return unpad_expert_output(y, index_M)
+
+    def _balancing_loss(self, routing, meta, num_sequences: int) -> torch.Tensor:
+        """The unscaled load-balancing loss of ``moe_router_load_balancing_type`` (formulas in
+        ``balancing.py``); the counts are those of the plain top-k of the scores (Megatron's),
+        which are the dispatched ones unless a bias, groups, a capacity or noise intervened."""
+        cfg, scores_TE, k = self.config, routing.scores_TE, self.topk
+        kind = cfg.moe_router_load_balancing_type
+        if kind == "seq_aux_loss":
+            return seq_load_balancing_loss(scores_TE, k, num_sequences)
+        plain = not (
+            cfg.moe_router_enable_expert_bias
+            or cfg.moe_router_group_topk
+            or cfg.moe_expert_capacity_factor is not None
+            or cfg.moe_router_force_load_balancing
+        )
+        counts_E = meta.tokens_per_expert_E if plain else aux_loss_counts(scores_TE, k)
+        if kind != "global_aux_loss":
+            return load_balancing_loss(scores_TE, counts_E, k)
+        dp = self.groups.dp
+        if dp is not None and dp.size() > 1 and torch.is_grad_enabled():
+            counts_E = counts_E.clone()
+            dist.all_reduce(counts_E, group=dp)
+        dp_size = 1 if dp is None else dp.size()
+        if self.training and torch.is_grad_enabled():
+            counts_E = self.router.average_global_counts(counts_E)
+        return load_balancing_loss(scores_TE, counts_E, k, scores_TE.shape[0] * dp_size)
+
+    def _apply_losses(self, out, routing, meta, tp: int, num_sequences: int):
         cfg = self.config
         training = self.training and torch.is_grad_enabled()
-        aux_coeff = (
-            cfg.moe_aux_loss_coeff if cfg.moe_router_load_balancing_type == "aux_loss" else 0
-        )
+        balancing = cfg.moe_router_load_balancing_type != "none"
+        aux_coeff = cfg.moe_aux_loss_coeff if balancing else 0.0
         z_coeff = cfg.moe_z_loss_coeff or 0.0
         aux_grad, z_grad = training and aux_coeff > 0, training and z_coeff > 0
         with torch.set_grad_enabled(aux_grad):
-            aux = load_balancing_loss(routing.scores_TE, meta.tokens_per_expert_E, self.topk)
+            aux = self._balancing_loss(routing, meta, num_sequences)
         with torch.set_grad_enabled(z_grad):
             z = z_loss(routing.logits_TE, routing.logsumexp_T)
         if aux_grad or z_grad:

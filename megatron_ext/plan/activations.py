@@ -21,6 +21,11 @@ rows reaching this rank's experts (dropless: on average every EP rank gets T*K r
                experts       M*h*p (input), M*2F/t*p (w1|w3 output, for SwiGLU),
                              2*M*F/t*p (SwiGLU output and its weighted copy, for w2)
                combine       T*K*h*p (expert outputs, to weight by the router)
+               shared        T*(h + 3*Fs/t)*p with --moe-shared-expert-intermediate-size Fs
+                             (Megatron's MLP: fc1 input, fc1 output, SwiGLU output)
+
+Dense layers of a mixed stack (--moe-layer-freq) are counted as MoE layers: an over-estimate
+by the router and dispatch terms for DeepSeek-MoE's one dense layer.
 
 (The MoE terms mirror what ``megatron_ext/moe`` saves; tests/test_plan.py measures them.)
     dropout    1 byte per element masked when --attention-dropout / --hidden-dropout > 0
@@ -67,7 +72,7 @@ def _dims(args):
 def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, float]:
     """Bytes one transformer layer saves for backward, per micro-batch, by part."""
     s, b, t, tokens, t_sp, d = _dims(args)
-    p, h, f = _p(args), args.hidden_size, args.ffn_hidden_size
+    p, h, f = _p(args), args.hidden_size, args.moe_ffn_hidden_size or args.ffn_hidden_size
     e, k, ep = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size
     q, kv = args.num_attention_heads * d, args.num_query_groups * d
     heads = args.num_attention_heads // t
@@ -94,6 +99,9 @@ def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, f
     terms["dispatch indices"] = 3 * tokens * k * 8 + (2 * rows * 8 if e // ep > 1 and ep > 1 else 0)
     terms["expert activations"] = rows * (h + 4 * f // t) * p
     terms["combine"] = tokens * k * h * p
+    shared = args.moe_shared_expert_intermediate_size
+    if shared:  # Megatron's MLP: fc1 input (gathered), fc1 output, SwiGLU output
+        terms["shared experts"] = tokens * (h + 3 * shared // t) * p
     return terms
 
 

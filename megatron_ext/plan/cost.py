@@ -45,6 +45,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from megatron_ext.metrics import training_flops_per_token
+from megatron_ext.model.stack import chunk_first_layer, moe_layer_pattern
 from megatron_ext.plan import activations
 from megatron_ext.plan.hardware import Hardware
 from megatron_ext.plan.memory import static_memory
@@ -71,11 +72,24 @@ def _act_bytes(args) -> int:
     return 2 if (args.bf16 or args.fp16) else 4
 
 
+def _moe_layers_on_stage(args, pp_rank: int) -> int:
+    """MoE layers (``--moe-layer-freq``) among the layers of pipeline rank ``pp_rank``."""
+    pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
+    pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+    per_chunk = args.num_layers // (pp * (vpp or 1))
+    firsts = [chunk_first_layer(args.num_layers, pp, vpp, pp_rank, v) for v in range(vpp or 1)]
+    return sum(sum(pattern[a : a + per_chunk]) for a in firsts)
+
+
 def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalance: float):
     """(forward seconds, backward seconds, parts) for one micro-batch on stage ``pp_rank``."""
     s, b, h = args.seq_length, args.micro_batch_size, args.hidden_size
     t, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
-    f, e, k = args.ffn_hidden_size, args.num_experts, args.moe_router_topk
+    f, e, k = (
+        args.moe_ffn_hidden_size or args.ffn_hidden_size,
+        args.num_experts,
+        args.moe_router_topk,
+    )
     d = h // args.num_attention_heads
     q, kv = args.num_attention_heads * d, args.num_query_groups * d
     tokens, p = s * b, _act_bytes(args)
@@ -87,13 +101,21 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     router = 2 * tokens * h * e
     experts = 6 * tokens * h * f * k / t * imbalance
     rows_per_expert = tokens * k * ep / e
-    layer_s = (
-        attn_gemm / (peak * _shape(min(tokens, (q + 2 * kv) / t, h)))
-        + attn_core / (peak * _shape(min(s, d)))
+    attention_s = attn_gemm / (peak * _shape(min(tokens, (q + 2 * kv) / t, h))) + attn_core / (
+        peak * _shape(min(s, d))
+    )
+    moe_s = (
+        attention_s
         + router / (peak * _shape(e))
         + experts / (peak * _shape(min(rows_per_expert, f / t, h)))
     )
-    compute_f = layers * layer_s
+    if args.moe_shared_expert_intermediate_size:
+        fs = args.moe_shared_expert_intermediate_size
+        moe_s += 6 * tokens * h * fs / t / (peak * _shape(min(tokens, fs / t, h)))
+    fd = args.ffn_hidden_size
+    dense_s = attention_s + 6 * tokens * h * fd / t / (peak * _shape(min(tokens, fd / t, h)))
+    n_moe = _moe_layers_on_stage(args, pp_rank)
+    compute_f = n_moe * moe_s + (layers - n_moe) * dense_s
     if pp_rank == args.pipeline_model_parallel_size - 1:
         vocab = padded_vocab(args) / t
         compute_f += 2 * tokens * h * vocab / (peak * _shape(min(tokens, vocab, h)))
@@ -111,7 +133,7 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
         per_a2a = max(
             volume * (1 - off) / (hw.nvlink_gbps * 1e9), volume * off / (hw.network_gbps * 1e9)
         )
-        ep_f = layers * 2 * per_a2a * imbalance
+        ep_f = n_moe * 2 * per_a2a * imbalance
     fwd = compute_f + memory_f + tp_f + ep_f
     bwd = 2 * compute_f + 2 * memory_f + tp_f + ep_f
     if recompute:

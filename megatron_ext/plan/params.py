@@ -10,7 +10,11 @@ virtual stage), in the order of ``GPTModel.named_parameters()`` with the local l
                pre_mlp_layernorm.weight   [H]
                mlp.router.weight          [E, H]              (dense: reduced over DP)
                mlp.experts.w13            [E/EP, 2F/TP, H]    (expert: reduced over DP/EP)
-               mlp.experts.w2             [E/EP, H, F/TP]
+               mlp.experts.w2             [E/EP, H, F/TP]     (F: --moe-ffn-hidden-size)
+               mlp.shared_experts.linear_fc1 [2Fs/TP, H], linear_fc2 [H, Fs/TP] (+ gate_weight
+                                          [1, H]) with --moe-shared-expert-intermediate-size Fs
+    dense layers of a mixed stack (--moe-layer-freq): mlp.linear_fc1 [2F/TP, H], linear_fc2
+               [H, F/TP] in place of the router and experts (F: --ffn-hidden-size)
     decoder.final_layernorm.weight        [H]                 last chunk of the last rank
     output_layer.weight                   [Vp/TP, H]
 
@@ -30,6 +34,8 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+
+from megatron_ext.model.stack import chunk_first_layer, moe_layer_pattern
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -68,23 +74,42 @@ def layers_per_chunk(args: argparse.Namespace) -> int:
     )
 
 
-def layer_params(args: argparse.Namespace, index: int) -> list[Param]:
-    """One transformer layer's parameters on one rank (``index``: local layer number)."""
+def layer_params(args: argparse.Namespace, index: int, moe: bool = True) -> list[Param]:
+    """One transformer layer's parameters on one rank (``index``: local layer number; ``moe``:
+    an MoE layer, else a dense one of a mixed stack)."""
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
-    h, f, e = args.hidden_size, args.ffn_hidden_size, args.num_experts
+    h, e = args.hidden_size, args.num_experts
+    f = args.moe_ffn_hidden_size or args.ffn_hidden_size
     d = h // args.num_attention_heads
     q, kv = args.num_attention_heads * d, args.num_query_groups * d
     dt, nt = param_dtype(args), _norm_dtype(args)
     p = f"decoder.layers.{index}."
-    return [
+    out = [
         Param(p + "input_layernorm.weight", (h,), nt),
         Param(p + "self_attention.linear_proj.weight", (h, q // tp), dt),
         Param(p + "self_attention.linear_qkv.weight", ((q + 2 * kv) // tp, h), dt),
         Param(p + "pre_mlp_layernorm.weight", (h,), nt),
+    ]
+    if not moe:
+        fd = args.ffn_hidden_size
+        return out + [
+            Param(p + "mlp.linear_fc1.weight", (2 * fd // tp, h), dt),
+            Param(p + "mlp.linear_fc2.weight", (h, fd // tp), dt),
+        ]
+    out += [
         Param(p + "mlp.router.weight", (e, h), dt),
         Param(p + "mlp.experts.w13", (e // ep, 2 * f // tp, h), dt, expert=True),
         Param(p + "mlp.experts.w2", (e // ep, h, f // tp), dt, expert=True),
     ]
+    shared = args.moe_shared_expert_intermediate_size
+    if shared:  # named_parameters lists SharedExpertMLP's gate (a direct parameter) first
+        if args.moe_shared_expert_gate:
+            out.append(Param(p + "mlp.shared_experts.gate_weight", (1, h), dt))
+        out += [
+            Param(p + "mlp.shared_experts.linear_fc1.weight", (2 * shared // tp, h), dt),
+            Param(p + "mlp.shared_experts.linear_fc2.weight", (h, shared // tp), dt),
+        ]
+    return out
 
 
 def chunk_params(args: argparse.Namespace, pp_rank: int, vp_stage: int) -> list[Param]:
@@ -94,11 +119,13 @@ def chunk_params(args: argparse.Namespace, pp_rank: int, vp_stage: int) -> list[
     last = pp_rank == pp - 1 and vp_stage == vpp - 1
     vocab_rows = padded_vocab(args) // args.tensor_model_parallel_size
     h, dt = args.hidden_size, param_dtype(args)
+    pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+    offset = chunk_first_layer(args.num_layers, pp, vpp, pp_rank, vp_stage)
     out = []
     if first:
         out.append(Param("embedding.word_embeddings.weight", (vocab_rows, h), dt))
     for i in range(layers_per_chunk(args)):
-        out += layer_params(args, i)
+        out += layer_params(args, i, pattern[offset + i])
     if last:
         out.append(Param("decoder.final_layernorm.weight", (h,), _norm_dtype(args)))
         out.append(Param("output_layer.weight", (vocab_rows, h), dt))
