@@ -11,6 +11,8 @@ Contenders (one process, one rank, same T tokens of hidden H, E experts of FFN s
 * ``megatron-core``: Megatron-Core's ``MoELayer`` (local spec: SequentialMLP experts, its
   default allgather dispatcher) under ``megatron_ext.cpu_mode`` (that mode's TorchFunctionMode
   adds a little Python per op, charged to this row only);
+* ``hf-deepseek-v3`` / ``hf-qwen2-moe``: transformers' ``DeepseekV3MoE`` and
+  ``Qwen2MoeSparseMoeBlock`` (fine-grained case, ``--shared-ffn``);
 * ``ceiling``: the same FLOPs as a dense SwiGLU MLP on T*K rows (x W13ᵀ, silu*mul, W2ᵀ;
   autograd): what an MoE with zero routing cost would take. ``gemm-chain``: only the six GEMMs
   of that MLP's forward and backward, no elementwise work at all (a lower bound on time).
@@ -25,6 +27,14 @@ few percent. Routing is whatever the random init gives (near balanced).
 
     OMP_WAIT_POLICY=PASSIVE python bench/moe_layer.py --tokens 4096 --hidden 512 --ffn 1792 \\
         --experts 8 --topk 2 --iters 10 --dtype fp32 --device cpu --threads 2
+
+Fine-grained (DeepSeek-MoE-like: 64 routed experts of FFN 224, top-6, 2 shared experts of 224;
+``ceiling`` then adds a dense SwiGLU of width 448 on the T tokens, and ``ceiling-wide`` is one
+dense SwiGLU of width 6*224 + 448 on the T tokens: the same FLOPs in wide GEMMs):
+
+    OMP_WAIT_POLICY=PASSIVE python bench/moe_layer.py --tokens 4096 --hidden 512 --ffn 224 \\
+        --experts 64 --topk 6 --shared-ffn 448 --iters 10 --dtype fp32 --device cpu \\
+        --threads 2 --only ours hf-deepseek-v3 hf-qwen2-moe ceiling ceiling-wide
 """
 
 from __future__ import annotations
@@ -59,8 +69,46 @@ def _config(a, **kw):
 def ours(a):
     from megatron_ext.moe import SMoELayer
 
-    layer = SMoELayer(_config(a)).to(a.device)
+    shared = dict(moe_shared_expert_intermediate_size=a.shared_ffn) if a.shared_ffn else {}
+    layer = SMoELayer(_config(a, **shared)).to(a.device)
     return layer, lambda x: layer(x.view(-1, 1, a.hidden))[0]
+
+
+def _init_normal(block):
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+
+
+def hf_deepseek_v3(a):
+    """transformers' ``DeepseekV3MoE``: sigmoid router (one group), routed experts of FFN F,
+    ``Fs / F`` shared experts."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    cfg = DeepseekV3Config(
+        hidden_size=a.hidden, moe_intermediate_size=a.ffn, n_routed_experts=a.experts,
+        num_experts_per_tok=a.topk, n_group=1, topk_group=1,
+        n_shared_experts=max(a.shared_ffn // a.ffn, 1),
+    )  # fmt: skip
+    block = DeepseekV3MoE(cfg).to(a.device, DTYPES[a.dtype])
+    _init_normal(block)
+    return block, lambda x: block(x.view(1, -1, a.hidden))
+
+
+def hf_qwen2_moe(a):
+    """transformers' ``Qwen2MoeSparseMoeBlock``: softmax router, experts of FFN F, one gated
+    shared expert of width Fs."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    cfg = Qwen2MoeConfig(
+        hidden_size=a.hidden, moe_intermediate_size=a.ffn, num_experts=a.experts,
+        num_experts_per_tok=a.topk, shared_expert_intermediate_size=max(a.shared_ffn, 1),
+    )  # fmt: skip
+    block = Qwen2MoeSparseMoeBlock(cfg).to(a.device, DTYPES[a.dtype])
+    _init_normal(block)
+    return block, lambda x: block(x.view(1, -1, a.hidden))
 
 
 def _hf_mixtral(a, experts_implementation=None):
@@ -167,18 +215,43 @@ def _pg_collection():
     return pg
 
 
-def ceiling(a):
-    """A dense SwiGLU MLP on T*K rows (its own input: no replication cost), autograd."""
-    n, dt = a.tokens * a.topk, DTYPES[a.dtype]
-    mlp = _SwiGLU(a.hidden, a.ffn).to(a.device, dt)
-    x = torch.randn(n, a.hidden, device=a.device, dtype=dt, requires_grad=True)
-    dy = torch.randn(n, a.hidden, device=a.device, dtype=dt)
+def _dense_run(a, rows: int, width: int):
+    """fwd+bwd of a dense SwiGLU MLP of ``width`` on ``rows`` rows of its own (autograd)."""
+    dt = DTYPES[a.dtype]
+    mlp = _SwiGLU(a.hidden, width).to(a.device, dt)
+    x = torch.randn(rows, a.hidden, device=a.device, dtype=dt, requires_grad=True)
+    dy = torch.randn(rows, a.hidden, device=a.device, dtype=dt)
 
-    def run(_x):
+    def run():
         x.grad = None
         mlp(x).backward(dy)
 
     return mlp, run
+
+
+def ceiling(a):
+    """The same FLOPs with zero routing cost, autograd: a dense SwiGLU MLP of width F on T*K
+    rows (the routed experts' GEMM shapes, no replication cost), plus one of width Fs on the T
+    tokens with shared experts."""
+    mlp, routed = _dense_run(a, a.tokens * a.topk, a.ffn)
+    parts = [routed]
+    if a.shared_ffn:
+        shared_mlp, shared = _dense_run(a, a.tokens, a.shared_ffn)
+        parts.append(shared)
+        mlp = torch.nn.ModuleList([mlp, shared_mlp])
+
+    def run(_x):
+        for part in parts:
+            part()
+
+    return mlp, run
+
+
+def ceiling_wide(a):
+    """The same FLOPs as ONE dense SwiGLU MLP of width K*F + Fs on the T tokens (fine-grained
+    case: what the narrow experts cost against the wide GEMMs of a dense model)."""
+    mlp, run = _dense_run(a, a.tokens, a.topk * a.ffn + a.shared_ffn)
+    return mlp, lambda _x: run()
 
 
 def gemm_chain(a):
@@ -208,7 +281,10 @@ CONTENDERS = {
     "deepspeed": deepspeed_dropless,
     "deepspeed-drop": deepspeed_drop,
     "megatron-core": megatron_core,
+    "hf-deepseek-v3": hf_deepseek_v3,
+    "hf-qwen2-moe": hf_qwen2_moe,
     "ceiling": ceiling,
+    "ceiling-wide": ceiling_wide,
     "gemm-chain": gemm_chain,
 }
 
@@ -243,6 +319,7 @@ def main(argv=None):
     p.add_argument("--ffn", type=int, default=1792)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--shared-ffn", type=int, default=0, help="shared experts' total width")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -280,7 +357,8 @@ def main(argv=None):
             if it >= a.warmup:
                 times[name].append((time.perf_counter() - w0, time.process_time() - c0))
     print(
-        f"T={a.tokens} H={a.hidden} F={a.ffn} E={a.experts} K={a.topk} {a.dtype} {a.device} "
+        f"T={a.tokens} H={a.hidden} F={a.ffn} E={a.experts} K={a.topk} Fs={a.shared_ffn} "
+        f"{a.dtype} {a.device} "
         f"threads={a.threads} iters={a.iters} OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', '(default)')}\n"
     )
