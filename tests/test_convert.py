@@ -200,6 +200,65 @@ def test_memory_meter_sees_what_is_held():
     assert meter.peak_tensor_bytes >= 4_000_000
 
 
+# --------------------------------------------------------------------------- Qwen2-MoE
+QWEN2 = dict(TINY, intermediate_size=176, moe_intermediate_size=32, num_experts=8,
+             num_experts_per_tok=2, shared_expert_intermediate_size=64, norm_topk_prob=False,
+             qkv_bias=False, rope_theta=1e6)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_qwen2(tmp_path_factory):
+    torch.manual_seed(6)
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**QWEN2)).eval()
+    directory = _save_hf(model, str(tmp_path_factory.mktemp("hf_qwen2")), "60KB")
+    return directory, model
+
+
+@pytest.mark.parametrize(
+    "world,layout", [(1, ""), (2, "--expert-model-parallel-size 2")], ids=["one_rank", "EP2"]
+)
+def test_qwen2_moe_in_and_out(hf_qwen2, world, layout, tmp_path):
+    """HF Qwen2MoeForCausalLM (fine-grained experts, gated shared expert, top-k weights not
+    renormalised) -> ours: the same logits; ours -> HF: the same model again."""
+    src, model = hf_qwen2
+    out = str(tmp_path / "mcore")
+    arch = core.hf_to_mcore(src, out, targets=(1, 1, 2))
+    assert (arch.moe_ffn_hidden_size, arch.moe_shared_expert_intermediate_size) == (32, 64)
+    assert arch.moe_router_pre_softmax and arch.moe_shared_expert_gate
+    _check_matches(model, out, arch.flags(), world, layout)
+    if world > 1:
+        return
+    hf_out = str(tmp_path / "hf")
+    assert convert_main(["mcore-to-hf", "--input", out, "--output", hf_out]) == 0
+    with open(os.path.join(hf_out, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "qwen2_moe" and config["qkv_bias"] is False
+    back = transformers.Qwen2MoeForCausalLM.from_pretrained(hf_out).eval()
+    tokens, _ = _batch(1024)
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, model(tokens).logits)
+
+
+def test_qwen2_moe_what_does_not_map_is_refused(hf_qwen2, tmp_path, capsys):
+    src, _ = hf_qwen2
+    torch.manual_seed(7)
+    biased = transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(**dict(QWEN2, qkv_bias=True))
+    )
+    with torch.no_grad():
+        biased.model.layers[0].self_attn.q_proj.bias.normal_()
+    biased_dir = _save_hf(biased, str(tmp_path / "biased"), "60KB")
+    cli = ["hf-to-mcore", "--input", biased_dir, "--output", str(tmp_path / "o1")]
+    assert convert_main(cli) == 2
+    err = capsys.readouterr().err
+    assert "q_proj.bias" in err and "qkv_bias" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o1" / "iter_0000000")
+    mixed = str(tmp_path / "mixed")
+    _tamper(src, mixed, config={"decoder_sparse_step": 2})
+    assert convert_main(["hf-to-mcore", "--input", mixed, "--output", str(tmp_path / "o2")]) == 2
+    assert "decoder_sparse_step" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- upcycling
 @pytest.mark.parametrize(
     "kind,world,layout",

@@ -42,6 +42,7 @@ ARCH_FIELDS = (
 )
 # Saved for information and for the HF converter; they do not change tensor shapes.
 HPARAM_FIELDS = (
+    "moe_router_pre_softmax",
     "rotary_base",
     "norm_epsilon",
     "max_position_embeddings",

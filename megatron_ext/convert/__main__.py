@@ -57,14 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-mcore", help="HF Mixtral safetensors -> our torch_dist checkpoint")
+    a = sub.add_parser(
+        "hf-to-mcore", help="HF Mixtral / Qwen2-MoE safetensors -> our torch_dist checkpoint"
+    )
     _common(a)
-    b = sub.add_parser("mcore-to-hf", help="our checkpoint -> HF Mixtral safetensors")
+    b = sub.add_parser("mcore-to-hf", help="our checkpoint -> HF Mixtral / Qwen2-MoE safetensors")
     _common(b, targets=False)
     b.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     b.add_argument("--hf-config", help="a config.json whose other fields (token ids...) to keep")
     b.add_argument("--rotary-base", type=float, help="if the checkpoint does not record it")
     b.add_argument("--norm-epsilon", type=float, help="if the checkpoint does not record it")
+    b.add_argument(
+        "--hf-format",
+        choices=["mixtral", "qwen2_moe"],
+        help="MixtralForCausalLM or Qwen2MoeForCausalLM (default: qwen2_moe for a checkpoint "
+        "with shared experts, else mixtral)",
+    )
     c = sub.add_parser("upcycle", help="dense Llama/Mistral HF -> SMoE checkpoint")
     _common(c)
     c.add_argument("--num-experts", type=int, required=True)
@@ -133,7 +141,14 @@ def run(args: argparse.Namespace) -> None:
                 template = json.load(f)
         overrides = {"rotary_base": args.rotary_base, "norm_epsilon": args.norm_epsilon}
         arch = core.mcore_to_hf(
-            args.input, args.output, args.max_shard_size, dtype, meter, template, overrides
+            args.input,
+            args.output,
+            args.max_shard_size,
+            dtype,
+            meter,
+            template,
+            overrides,
+            args.hf_format,
         )
     print(f"{args.command}: wrote {args.output} in {time.time() - start:.1f}s", flush=True)
     if args.command != "mcore-to-hf":

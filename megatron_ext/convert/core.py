@@ -94,19 +94,33 @@ def _mixtral_parts(src: str, arch: Arch, dtype, seen: set):
 
 
 def hf_to_mcore(src: str, dst: str, dtype=None, meter=None, targets=(1, 1, 1)) -> Arch:
-    """Convert the HF Mixtral in ``src`` to a weights-only checkpoint under ``dst``."""
+    """Convert the HF Mixtral (or Qwen2-MoE) in ``src`` to a weights-only checkpoint under
+    ``dst``."""
+    from megatron_ext.convert import qwen2_moe
+
+    if qwen2_moe.is_qwen2_moe(src):
+        return _convert(src, dst, dtype, meter, targets, qwen2_moe)
     cfg, arch = hf.read_config(src, moe=True)
     if cfg.get("model_type", "mixtral") != "mixtral":
         raise ConversionError(
             f"{src} is a {cfg.get('model_type')!r} model; hf-to-mcore reads Mixtral (for a dense "
             "Llama/Mistral use `upcycle`)"
         )
+    return _convert(src, dst, dtype, meter, targets, None, arch)
+
+
+def _convert(src, dst, dtype, meter, targets, fmt, arch=None) -> Arch:
+    """Stream ``src`` (Mixtral when ``fmt`` is None, else the format module ``fmt``)."""
+    if fmt is not None:
+        _, arch = fmt.read_config(src)
     check_targets(arch, *targets)
     meter = meter or MemoryMeter(enabled=False)
     seen: set[str] = set()
-    parts = _mixtral_parts(src, arch, dtype, seen)
+    if fmt is None:
+        parts, expected = _mixtral_parts(src, arch, dtype, seen), hf.expected_names(arch)
+    else:
+        parts, expected = fmt.parts(src, arch, dtype, seen), fmt.expected_names(arch)
     common = arch.common(f"hf:{os.path.abspath(src)}")
-    expected = hf.expected_names(arch)
     write_checkpoint(
         dst, arch, common, parts, meter, lambda: hf.check_complete(seen, expected, src)
     )
@@ -114,7 +128,13 @@ def hf_to_mcore(src: str, dst: str, dtype=None, meter=None, targets=(1, 1, 1)) -
 
 
 # ------------------------------------------------------------------------------ mcore -> HF
-def arch_from_checkpoint(common: dict, overrides: dict | None = None) -> Arch:
+def hf_format_of(common: dict) -> str:
+    """``qwen2_moe`` for a checkpoint with shared experts, else ``mixtral``."""
+    shared = common.get("arch", {}).get("moe_shared_expert_intermediate_size")
+    return "qwen2_moe" if shared else "mixtral"
+
+
+def arch_from_checkpoint(common: dict, overrides: dict | None = None, fmt: str = "mixtral") -> Arch:
     saved, hp = common.get("arch", {}), dict(common.get("hparams") or {})
     hp.update({k: v for k, v in (overrides or {}).items() if v is not None})
     wrong = {
@@ -135,30 +155,45 @@ def arch_from_checkpoint(common: dict, overrides: dict | None = None) -> Arch:
         for text, present in (
             (
                 "shared experts (--moe-shared-expert-intermediate-size)",
-                saved.get("moe_shared_expert_intermediate_size"),
+                fmt == "mixtral" and saved.get("moe_shared_expert_intermediate_size"),
             ),
             ("dense layers (--moe-layer-freq)", saved.get("moe_layer_freq", 1) != 1),
         )  # fmt: skip
         if present
     ]
     if beyond:
+        hint = "; with shared experts, --hf-format qwen2_moe" if fmt == "mixtral" else ""
         raise ConversionError(
-            "the Mixtral format has no " + " and no ".join(beyond) + ": this checkpoint "
-            "cannot be written as MixtralForCausalLM"
+            f"the {fmt} format has no " + " and no ".join(beyond) + ": this checkpoint "
+            f"cannot be written as {fmt}{hint}"
         )
     fields = {f: saved[f] for f in Arch.__dataclass_fields__ if f in saved}
-    if saved.get("moe_ffn_hidden_size"):  # Mixtral's intermediate_size is the experts' width
+    if fmt == "mixtral" and saved.get("moe_ffn_hidden_size"):  # the experts' width
         fields["ffn_hidden_size"] = saved["moe_ffn_hidden_size"]
-    for f in ("rotary_base", "norm_epsilon", "max_position_embeddings", "window_size"):
+    for f in ("rotary_base", "norm_epsilon", "max_position_embeddings", "window_size",
+              "moe_router_pre_softmax"):  # fmt: skip
         if hp.get(f) is not None:
             fields[f] = hp[f]
     return Arch(**fields)
 
 
-def _requests(arch: Arch, stored: dict):
-    """``((request, shape), unpack)`` items in HF order; ``unpack(tensor of shape) -> [(hf_name,
-    tensor)]``."""
+def _mixtral_mlp(arch: Arch, n: int, req, one):
+    """The MLP tensors of layer ``n`` with their HF Mixtral names."""
     L, E, H, F = arch.num_layers, arch.num_experts, arch.hidden_size, arch.ffn_hidden_size
+    at, p = (0, n, L), f"model.layers.{n}."
+    yield req(hf.ROUTER, (E, H), at, prepend=1), one(p + "block_sparse_moe.gate.weight")
+    for e in range(E):
+        ex = (at, (1, e, E))
+        w = p + f"block_sparse_moe.experts.{e}.w"
+        yield req(hf.FC1, (F, H), *ex, (2, 0, 2), prepend=2), one(w + "1.weight")
+        yield req(hf.FC1, (F, H), *ex, (2, 1, 2), prepend=2), one(w + "3.weight")
+        yield req(hf.FC2, (H, F), *ex, prepend=2), one(w + "2.weight")
+
+
+def _requests(arch: Arch, stored: dict, mlp=_mixtral_mlp):
+    """``((request, shape), unpack)`` items in HF order; ``unpack(tensor of shape) -> [(hf_name,
+    tensor)]``; ``mlp(arch, layer, req, one)`` yields the MLP's items of one layer."""
+    L, H = arch.num_layers, arch.hidden_size
     d, ng, nh = arch.head_dim, arch.num_query_groups, arch.num_attention_heads
 
     def req(key, shape, *offsets, prepend=0, mismatch=False):
@@ -192,13 +227,7 @@ def _requests(arch: Arch, stored: dict):
         yield req(hf.QKV, (arch.qkv_rows, H), at, prepend=1), qkv(n)
         yield req(hf.PROJ, (H, nh * d), at, prepend=1), one(p + "self_attn.o_proj.weight")
         yield req(hf.MLP_NORM, (H,), at, prepend=1), one(p + "post_attention_layernorm.weight")
-        yield req(hf.ROUTER, (E, H), at, prepend=1), one(p + "block_sparse_moe.gate.weight")
-        for e in range(E):
-            ex = (at, (1, e, E))
-            w = p + f"block_sparse_moe.experts.{e}.w"
-            yield req(hf.FC1, (F, H), *ex, (2, 0, 2), prepend=2), one(w + "1.weight")
-            yield req(hf.FC1, (F, H), *ex, (2, 1, 2), prepend=2), one(w + "3.weight")
-            yield req(hf.FC2, (H, F), *ex, prepend=2), one(w + "2.weight")
+        yield from mlp(arch, n, req, one)
     yield req(hf.FINAL_NORM, (H,)), one("model.norm.weight")
     if arch.untie_embeddings_and_output_weights:
         yield req(hf.OUT, (arch.vocab_size, H), mismatch=True), one("lm_head.weight")
@@ -225,19 +254,30 @@ def mcore_to_hf(
     meter=None,
     template: dict | None = None,
     overrides: dict | None = None,
+    hf_format: str | None = None,
 ) -> Arch:
     """Write the model of checkpoint ``src`` (a ``--save`` directory or one ``iter_*``) as HF
-    Mixtral safetensors shards plus ``config.json`` into ``dst``."""
+    safetensors shards plus ``config.json`` into ``dst``: ``MixtralForCausalLM``, or
+    ``Qwen2MoeForCausalLM`` (``hf_format`` "qwen2_moe"; the default for checkpoints with
+    shared experts)."""
+    from megatron_ext.convert import qwen2_moe
+
     path, _ = checkpointing.resolve(src)
     if path is None:
         raise ConversionError(f"{src}: no checkpoint ({checkpointing.MARKER} missing)")
     meter = meter or MemoryMeter(enabled=False)
     writer = ShardWriter(dst, max_shard_bytes, meter)
     with single_process_group():
-        arch = arch_from_checkpoint(dist_checkpointing.load_common_state_dict(path), overrides)
+        common = dist_checkpointing.load_common_state_dict(path)
+        fmt = hf_format or hf_format_of(common)
+        arch = arch_from_checkpoint(common, overrides, fmt)
         stored = stored_tensors(path)
         out_dtype = dtype or stored[hf.EMB].dtype
-        for batch in _batches(_requests(arch, stored), max_shard_bytes):
+        mlp = qwen2_moe.mlp_requests if fmt == "qwen2_moe" else _mixtral_mlp
+        config = (qwen2_moe.hf_config if fmt == "qwen2_moe" else hf.hf_config)(
+            arch, out_dtype, template
+        )  # before any file is written: refuses what the format cannot hold
+        for batch in _batches(_requests(arch, stored, mlp), max_shard_bytes):
             loaded = read_pieces(path, {str(i): r for i, ((r, _), _) in enumerate(batch)})
             meter.sample()
             for i, ((_, shape), unpack) in enumerate(batch):
@@ -246,5 +286,5 @@ def mcore_to_hf(
             del loaded, batch
     writer.finish()
     with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(hf.hf_config(arch, out_dtype, template), f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
     return arch

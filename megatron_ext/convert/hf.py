@@ -64,6 +64,8 @@ _MOE_FLAGS = (
     "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size",
     "moe_router_topk_scaling_factor",
+    "moe_router_pre_softmax",
+    "moe_shared_expert_gate",
 )
 
 
@@ -91,6 +93,8 @@ class Arch:
     moe_ffn_hidden_size: int | None = None  # upcycle --granularity / --method partition
     moe_shared_expert_intermediate_size: int | None = None
     moe_router_topk_scaling_factor: float | None = None  # what makes step 0 the dense model
+    moe_router_pre_softmax: bool = False  # Qwen2-MoE's norm_topk_prob=False
+    moe_shared_expert_gate: bool = False  # Qwen2-MoE's shared_expert_gate
 
     @property
     def head_dim(self) -> int:
@@ -116,7 +120,7 @@ class Arch:
             "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights,
             "position_embedding_type": "rope",
         }
-        for field in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+        for field in _MOE_FLAGS[:2] + _MOE_FLAGS[3:]:  # shapes and routing (not the scaling)
             if getattr(self, field):
                 arch[field] = getattr(self, field)
         hparams = {
@@ -141,8 +145,10 @@ class Arch:
             f"--max-position-embeddings {self.max_position_embeddings}",
         ]
         for field in _MOE_FLAGS:
-            if getattr(self, field):
-                parts.append(f"--{field.replace('_', '-')} {getattr(self, field):g}")
+            value = getattr(self, field)
+            if value:
+                flag = "--" + field.replace("_", "-")
+                parts.append(flag if value is True else f"{flag} {value:g}")
         if self.untie_embeddings_and_output_weights:
             parts.append("--untie-embeddings-and-output-weights")
         if self.window_size:
@@ -163,6 +169,11 @@ def read_config(directory: str, moe: bool = True) -> tuple[dict, Arch]:
     path = os.path.join(directory, "config.json")
     with open(path) as f:
         cfg = json.load(f)
+    return cfg, arch_from_config(cfg, path, moe)
+
+
+def arch_from_config(cfg: dict, path: str, moe: bool = True) -> Arch:
+    """The checks and the mapping of :func:`read_config` on a parsed ``config.json``."""
     if moe and not cfg.get("num_local_experts"):
         raise ConversionError(
             f"{path}: a {cfg.get('model_type')!r} model without experts; hf-to-mcore reads "
@@ -179,7 +190,7 @@ def read_config(directory: str, moe: bool = True) -> tuple[dict, Arch]:
             problems.append(f"{flag} (no biases here)")
     if problems:
         raise ConversionError(f"{path}: unsupported: " + "; ".join(problems))
-    arch = Arch(
+    return Arch(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=hidden,
         ffn_hidden_size=cfg["intermediate_size"],
@@ -194,7 +205,6 @@ def read_config(directory: str, moe: bool = True) -> tuple[dict, Arch]:
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
         window_size=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
     )
-    return cfg, arch
 
 
 def hf_shards(directory: str) -> list[str]:

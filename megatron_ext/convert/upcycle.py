@@ -60,14 +60,14 @@ def dense_pieces(arch: Arch, name: str, weight: torch.Tensor, plan=None) -> tupl
             pieces += hf.expert_pieces(arch, layer, e, _PART[dense_part], expert.contiguous())
         if plan.shared_neurons is not None:
             shared = xd.shared_weights(plan, dense_part, weight)
-            pieces += _shared_pieces(arch, layer, dense_part, shared)
+            pieces += shared_pieces(arch, layer, dense_part, shared)
         return pieces, [name]
     if name.endswith("rotary_emb.inv_freq"):
         return [], []
     raise ConversionError(f"unexpected tensor {name!r} in the dense checkpoint")
 
 
-def _shared_pieces(arch: Arch, layer: int, dense_part: str, weight: torch.Tensor) -> list:
+def shared_pieces(arch: Arch, layer: int, dense_part: str, weight: torch.Tensor) -> list:
     """The shared expert is Megatron's MLP: ``linear_fc1 = [gate; up]`` (SwiGLU halves at rows
     ``[0, Fs)`` and ``[Fs, 2Fs)``), ``linear_fc2 = down``."""
     at = (0, layer, arch.num_layers)
