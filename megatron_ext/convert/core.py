@@ -24,6 +24,7 @@ from megatron.core import dist_checkpointing
 from megatron_ext import checkpointing
 from megatron_ext.convert import hf, shapes
 from megatron_ext.convert.hf import Arch, ConversionError
+from megatron_ext.convert.hf_config import mixtral_config
 from megatron_ext.convert.stream import (
     MemoryMeter,
     ShardWriter,
@@ -274,7 +275,7 @@ def mcore_to_hf(
         stored = stored_tensors(path)
         out_dtype = dtype or stored[hf.EMB].dtype
         mlp = qwen2_moe.mlp_requests if fmt == "qwen2_moe" else _mixtral_mlp
-        config = (qwen2_moe.hf_config if fmt == "qwen2_moe" else hf.hf_config)(
+        config = (qwen2_moe.hf_config if fmt == "qwen2_moe" else mixtral_config)(
             arch, out_dtype, template
         )  # before any file is written: refuses what the format cannot hold
         for batch in _batches(_requests(arch, stored, mlp), max_shard_bytes):

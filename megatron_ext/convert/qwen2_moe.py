@@ -30,6 +30,7 @@ import torch
 
 from megatron_ext.convert import hf, shapes
 from megatron_ext.convert.hf import Arch, ConversionError
+from megatron_ext.convert.hf_config import mixtral_config
 from megatron_ext.convert.upcycle import SHARED_FC1, SHARED_FC2, shared_pieces
 
 SHARED_GATE = "decoder.layers.mlp.shared_experts.gate_weight"
@@ -166,7 +167,7 @@ def hf_config(arch: Arch, dtype: torch.dtype, template: dict | None = None) -> d
             "Qwen2-MoE always gates its shared expert; this checkpoint has no "
             "--moe-shared-expert-gate (train with it, or export another format)"
         )
-    cfg = hf.hf_config(arch, dtype, template)
+    cfg = mixtral_config(arch, dtype, template)
     for key in ("num_local_experts", "router_jitter_noise", "sliding_window"):
         cfg.pop(key, None)
     cfg.update(
