@@ -29,6 +29,7 @@ from megatron_ext.checkpointing.lock import lock_save_dir
 from megatron_ext.errors import TrainingStopped, UsageError, agreed
 from megatron_ext.metrics import Reporter, expert_load, precision_of
 from megatron_ext.model import transformer_config
+from megatron_ext.model.presets import describe as describe_model
 from megatron_ext.moe import collect_moe_stats, set_aux_loss_scale
 
 
@@ -245,6 +246,7 @@ def run(argv=None) -> History:
     if dist.get_rank() == 0:
         for note in args.notices + args.unhonoured + ([lock.note] if lock.note else []):
             print(f"note: {note}", flush=True)
+        print(f"model: {describe_model(args)}", flush=True)
     plan = checkpointing.plan_load(args)  # checksums, architecture: before the model is built
     config = transformer_config(args)
     model, optimizer, scheduler = engine.setup_model_and_optimizer(args, config)

@@ -48,6 +48,23 @@ def _design_layer(e, k, ffn, shared, **cfg):
     return SMoELayer(moe_config(**cfg), layer_number=1)
 
 
+def _copy_into_hf(hf, weights, hf_shared, shared):
+    """Routed ``(gate, w1, w3, w2)`` and shared ``(gate_proj, up_proj, down_proj)`` weights
+    into an HF block (``hf_shared``: its shared-expert MLP)."""
+    gate, w1, w3, w2 = weights
+    with torch.no_grad():
+        hf.gate.weight.copy_(gate)
+        hf.experts.gate_up_proj.copy_(torch.cat([w1, w3], dim=1))
+        hf.experts.down_proj.copy_(w2)
+        for name, w in zip(("gate_proj", "up_proj", "down_proj"), shared, strict=True):
+            getattr(hf_shared, name).weight.copy_(w)
+
+
+def _random_shared(width, g):
+    return (torch.randn(width, H, generator=g) * 0.1, torch.randn(width, H, generator=g) * 0.1,
+            torch.randn(H, width, generator=g) * 0.1)  # fmt: skip
+
+
 def _load_shared(layer, gate_proj, up_proj, down_proj, gate_weight=None):
     """Megatron's MLP keeps ``linear_fc1 = [gate; up]`` (SwiGLU halves) and ``linear_fc2``."""
     sh = layer.shared_experts
@@ -72,6 +89,17 @@ def _run_both(layer, hf, seed, s=5, b=4):
     _close(y.transpose(0, 1), y_hf)
     _close(x_ours.grad.transpose(0, 1), x_hf.grad)
     return x
+
+
+def _check_router(layer, hf, x):
+    """The router picks the same experts with the same weights per token as HF's gate."""
+    x_TH = x.reshape(-1, H)
+    ours = layer.router(x_TH)
+    _, w_hf, ids_hf = hf.gate(x_TH.double())
+    assert torch.equal(ours.topk_ids_TK.sort(-1).values, ids_hf.sort(-1).values)
+    _close(ours.probs_TK.gather(1, ours.topk_ids_TK.argsort(-1)),
+           w_hf.gather(1, ids_hf.argsort(-1)))  # fmt: skip
+    return ours
 
 
 def _close(ours, ref):
@@ -105,16 +133,10 @@ def test_equals_hf_qwen2_moe_block_with_gated_shared_expert(one_rank, seed):
     hf = Qwen2MoeSparseMoeBlock(hf_cfg).double()
     gate, w1, w3, w2 = random_weights(e, H, ffn, seed=seed)
     g = torch.Generator().manual_seed(50 + seed)
-    sg, su, sd = (torch.randn(shared, H, generator=g) * 0.1, torch.randn(shared, H, generator=g)
-                  * 0.1, torch.randn(H, shared, generator=g) * 0.1)  # fmt: skip
+    sg, su, sd = _random_shared(shared, g)
     sgate = torch.randn(1, H, generator=g) * 0.3
+    _copy_into_hf(hf, (gate, w1, w3, w2), hf.shared_expert, (sg, su, sd))
     with torch.no_grad():
-        hf.gate.weight.copy_(gate)
-        hf.experts.gate_up_proj.copy_(torch.cat([w1, w3], dim=1))
-        hf.experts.down_proj.copy_(w2)
-        hf.shared_expert.gate_proj.weight.copy_(sg)
-        hf.shared_expert.up_proj.weight.copy_(su)
-        hf.shared_expert.down_proj.weight.copy_(sd)
         hf.shared_expert_gate.weight.copy_(sgate)
     layer = _design_layer(e, k, ffn, shared, moe_router_pre_softmax=True,
                           moe_shared_expert_gate=True)  # fmt: skip
@@ -128,13 +150,7 @@ def test_equals_hf_qwen2_moe_block_with_gated_shared_expert(one_rank, seed):
     _close(sh.linear_fc1.weight.grad[shared:], hf.shared_expert.up_proj.weight.grad)
     _close(sh.linear_fc2.weight.grad, hf.shared_expert.down_proj.weight.grad)
     _close(sh.gate_weight.grad, hf.shared_expert_gate.weight.grad)
-    # Router outputs: the same experts and weights per token.
-    x_TH = x.reshape(-1, H)
-    ours = layer.router(x_TH)
-    _, w_hf, ids_hf = hf.gate(x_TH.double())
-    assert torch.equal(ours.topk_ids_TK.sort(-1).values, ids_hf.sort(-1).values)
-    _close(ours.probs_TK.gather(1, ours.topk_ids_TK.argsort(-1)),
-           w_hf.gather(1, ids_hf.argsort(-1)))  # fmt: skip
+    _check_router(layer, hf, x)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -153,17 +169,11 @@ def test_equals_hf_deepseek_v3_moe(one_rank, seed):
     gate, w1, w3, w2 = random_weights(e, H, ffn, seed=seed)
     g = torch.Generator().manual_seed(60 + seed)
     shared = ffn * n_shared
-    sg, su, sd = (torch.randn(shared, H, generator=g) * 0.1, torch.randn(shared, H, generator=g)
-                  * 0.1, torch.randn(H, shared, generator=g) * 0.1)  # fmt: skip
+    sg, su, sd = _random_shared(shared, g)
     bias = torch.randn(e, generator=g) * 0.2
+    _copy_into_hf(hf, (gate, w1, w3, w2), hf.shared_experts, (sg, su, sd))
     with torch.no_grad():
-        hf.gate.weight.copy_(gate)
         hf.gate.e_score_correction_bias.copy_(bias)
-        hf.experts.gate_up_proj.copy_(torch.cat([w1, w3], dim=1))
-        hf.experts.down_proj.copy_(w2)
-        hf.shared_experts.gate_proj.weight.copy_(sg)
-        hf.shared_experts.up_proj.weight.copy_(su)
-        hf.shared_experts.down_proj.weight.copy_(sd)
     layer = _design_layer(
         e, k, ffn, shared, moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
@@ -176,12 +186,7 @@ def test_equals_hf_deepseek_v3_moe(one_rank, seed):
     x = _run_both(layer, hf, seed)
     _check_expert_grads(layer, hf.experts, ffn)
     _close(layer.router.weight.grad, hf.gate.weight.grad)
-    x_TH = x.reshape(-1, H)
-    ours = layer.router(x_TH)
-    _, w_hf, ids_hf = hf.gate(x_TH.double())
-    assert torch.equal(ours.topk_ids_TK.sort(-1).values, ids_hf.sort(-1).values)
-    _close(ours.probs_TK.gather(1, ours.topk_ids_TK.argsort(-1)),
-           w_hf.gather(1, ids_hf.argsort(-1)))  # fmt: skip
+    ours = _check_router(layer, hf, x)
     # The groups mattered: without them some token picks an expert outside its best 2 groups.
     plain = topk_route(ours.logits_TE, RouterOptions(k, score_function="sigmoid"), bias)
     assert not torch.equal(plain.topk_ids_TK.sort(-1).values, ours.topk_ids_TK.sort(-1).values)

@@ -151,3 +151,12 @@ def test_mixtral_export_refuses_what_its_format_cannot_hold():
     common["arch"]["moe_layer_freq"] = [0, 1]
     with pytest.raises(ConversionError, match="no shared experts .* and no dense layers"):
         arch_from_checkpoint(common)
+
+
+def test_the_run_prints_the_stack_and_its_parameter_counts():
+    from megatron_ext.model.presets import describe
+
+    args = parse_args("--mock-data --train-iters 1 --model deepseek-moe-16b --cpu".split(), 8)
+    line = describe(args)
+    assert line.startswith("28 layers (27 MoE, 1 dense), 64 experts of FFN 1408, top-6")
+    assert "shared experts of 2816: 16.376B parameters, 2.829B active per token" in line

@@ -23,19 +23,27 @@ def _run(argv):
     return pretrain_mixtral.run(argv)
 
 
-@pytest.fixture(scope="module")
-def reference_weights(tmp_path_factory):
+def save_reference(path: str, common: str = COMMON) -> str:
     """Initial weights made at one rank (one step at lr 0 leaves them unchanged)."""
-    path = str(tmp_path_factory.mktemp("reference"))
-    argv = f"{COMMON} --train-iters 1 --lr 0 --min-lr 0 --save {path}".split()
+    argv = f"{common} --train-iters 1 --lr 0 --min-lr 0 --save {path}".split()
     run_on_ranks(_run, 1, args=(argv,), timeout=300)
     return path
 
 
-def _train(reference, world, layout):
-    argv = f"{COMMON} --train-iters 3 --lr 3e-3 --load {reference} --finetune {layout}".split()
+def train_layout(reference: str, world: int, layout: str, common: str = COMMON) -> list:
+    """Three Adam steps from ``reference`` at ``layout``: the losses (last pipeline stage)."""
+    argv = f"{common} --train-iters 3 --lr 3e-3 --load {reference} --finetune {layout}".split()
     histories = run_on_ranks(_run, world, args=(argv,), timeout=600)
     return histories[-1]  # the last rank holds the loss (last pipeline stage)
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory):
+    return save_reference(str(tmp_path_factory.mktemp("reference")))
+
+
+def _train(reference, world, layout):
+    return train_layout(reference, world, layout)
 
 
 @pytest.fixture(scope="module")

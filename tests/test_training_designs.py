@@ -9,7 +9,8 @@ resharded by dist_checkpointing) and trains three Adam steps on the same batches
 """
 
 import pytest
-from test_real_text import dataset  # noqa: F401  (fixture: the tokenized sample corpus)
+from test_real_text import _run, dataset  # noqa: F401  (fixture: the tokenized sample corpus)
+from test_training import save_reference, train_layout
 
 from data_tools.tokenizers import mixtral_tokenizer_path
 from megatron_ext.multirank import run_on_ranks
@@ -24,23 +25,13 @@ COMMON = (
 )
 
 
-def _run(argv):
-    import pretrain_mixtral
-
-    return pretrain_mixtral.run(argv)
-
-
 @pytest.fixture(scope="module")
 def reference_weights(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("reference"))
-    argv = f"{COMMON} --train-iters 1 --lr 0 --min-lr 0 --save {path}".split()
-    run_on_ranks(_run, 1, args=(argv,), timeout=300)
-    return path
+    return save_reference(str(tmp_path_factory.mktemp("reference")), COMMON)
 
 
 def _train(reference, world, layout):
-    argv = f"{COMMON} --train-iters 3 --lr 3e-3 --load {reference} --finetune {layout}".split()
-    return run_on_ranks(_run, world, args=(argv,), timeout=600)[-1]
+    return train_layout(reference, world, layout, COMMON)
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,26 @@ def param_counts(arch: MixtralArch) -> dict[str, int]:
         "attention": arch.num_layers * attn,
         "embeddings": embeddings,
     }
+
+
+def arch_from_args(args) -> MixtralArch:
+    """The architecture the parsed flags describe (for :func:`param_counts`)."""
+    fields = {f: getattr(args, f) for f in MixtralArch.__dataclass_fields__ if hasattr(args, f)}
+    if isinstance(fields.get("moe_layer_freq"), list):
+        fields["moe_layer_freq"] = tuple(fields["moe_layer_freq"])
+    return MixtralArch(**fields)
+
+
+def describe(args) -> str:
+    """One line for the start of a run: the stack and its parameter counts."""
+    arch = arch_from_args(args)
+    counts = param_counts(arch)
+    pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+    shared = arch.moe_shared_expert_intermediate_size
+    return (
+        f"{arch.num_layers} layers ({sum(pattern)} MoE, {arch.num_layers - sum(pattern)} dense), "
+        f"{arch.num_experts} experts of FFN {arch.expert_ffn}, top-{arch.moe_router_topk}"
+        + (f", shared experts of {shared}" if shared else "")
+        + f": {counts['total'] / 1e9:.3f}B parameters, {counts['active'] / 1e9:.3f}B active "
+        f"per token (vocabulary {arch.vocab_size}, unpadded)"
+    )
