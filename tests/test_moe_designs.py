@@ -382,3 +382,20 @@ def test_pad_expert_input_to_capacity_gives_fixed_shapes():
     y_ref, _ = unpadded(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     assert math.ceil(16 * 2 / 4 * 1.5) == cap
+
+
+def test_load_balancing_type_none_attaches_no_loss():
+    """``none``: the aux coefficient is ignored (no gradient from the balancing loss); the
+    z-loss still applies."""
+    grads = {}
+    for kind in ("aux_loss", "none"):
+        torch.manual_seed(3)
+        layer = SMoELayer(moe_config(num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=1.0,
+                                     moe_router_load_balancing_type=kind), layer_number=1)  # fmt: skip
+        load_full_weights(layer, *random_weights(4, H, 24, seed=3))
+        x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(3))
+        y, _ = layer(x)
+        (y * 0).sum().backward()  # only the attached losses send gradient to the gate
+        grads[kind] = layer.router.weight.grad.clone()
+    assert grads["aux_loss"].abs().sum() > 0
+    assert torch.count_nonzero(grads["none"]) == 0
