@@ -390,8 +390,9 @@ def test_load_balancing_type_none_attaches_no_loss():
     grads = {}
     for kind in ("aux_loss", "none"):
         torch.manual_seed(3)
-        layer = SMoELayer(moe_config(num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=1.0,
-                                     moe_router_load_balancing_type=kind), layer_number=1)  # fmt: skip
+        cfg = moe_config(num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=1.0,
+                         moe_router_load_balancing_type=kind)  # fmt: skip
+        layer = SMoELayer(cfg, layer_number=1)
         load_full_weights(layer, *random_weights(4, H, 24, seed=3))
         x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(3))
         y, _ = layer(x)
