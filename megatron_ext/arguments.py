@@ -51,6 +51,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window-size", type=int, default=None, help="sliding-window attention")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None)
+    g.add_argument(
+        "--attention-backend",
+        choices=["auto", "flash", "fused", "unfused", "local"],
+        default="auto",
+        help="with --transformer-impl local: PyTorch's scaled_dot_product_attention (auto, "
+        "flash, fused) or Megatron-Core's unfused DotProductAttention (unfused, local)",
+    )
 
 
 def _moe_args(p: argparse.ArgumentParser) -> None:

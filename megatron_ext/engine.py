@@ -61,6 +61,28 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def use_fused_torch_adam(optimizer) -> int:
+    """Switch Megatron-Core's fallback optimizer to PyTorch's fused AdamW kernel; returns how
+    many inner optimizers were switched.
+
+    Without apex or Transformer Engine (pip installs, CPU ranks) Megatron-Core builds
+    ``torch.optim.AdamW`` with PyTorch's default implementation, which on CPU is the
+    single-tensor loop: about ten elementwise passes per parameter, 11% of a training step at
+    issue 14's shape. The fused kernel (CPU and CUDA) does the same update in one pass (0.06 s
+    instead of 0.34 s per step there; results equal to float rounding, ~4e-9 after 3 steps).
+    Apex's and TE's fused Adams are left alone. Set before the first step, when the state
+    (``step`` as a device tensor, as the fused path wants) is created."""
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
+            inner.defaults.update(fused=True, foreach=False)
+            switched += 1
+    return switched
+
+
 def setup_model_and_optimizer(args: argparse.Namespace, config):
     """Model chunks wrapped in Megatron DDP, the Megatron optimizer and the LR scheduler."""
     chunks = build_model(args, config)
@@ -109,6 +131,7 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
         ),
         model,
     )
+    use_fused_torch_adam(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if args.lr_warmup_iters else args.lr,

@@ -311,4 +311,9 @@ def unhonoured(args: argparse.Namespace) -> list[str]:
         notes.append("--wandb-project/--wandb-exp-name: W&B is not wired in; use --tensorboard-dir")
     if args.num_workers:
         notes.append("--num-workers: batches are read in the training process")
+    if args.attention_backend != "auto" and args.transformer_impl != "local":
+        notes.append(
+            f"--attention-backend {args.attention_backend}: only chooses the local "
+            "implementation's core attention; Transformer Engine picks its own kernels"
+        )
     return notes + moe_unhonoured(args)

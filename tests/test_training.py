@@ -111,3 +111,35 @@ def _expert_biases(path):
 
     state = dist_checkpointing.load_plain_tensors(path)
     return {k: v for k, v in state.items() if k.endswith("router.expert_bias")}
+
+
+def test_fallback_adamw_runs_pytorchs_fused_kernel_with_the_same_updates():
+    """Without apex/TE Megatron-Core builds torch's AdamW (single-tensor loop on CPU);
+    engine.use_fused_torch_adam switches it to the fused kernel: same updates to rounding."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_ext.engine import use_fused_torch_adam
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+        opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        return params, opt
+
+    ref, ref_opt = make()
+    fused, fused_opt = make()
+    chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=fused_opt)] * 2)
+    assert use_fused_torch_adam(chained) == 2
+    assert all(g["fused"] and not g["foreach"] for g in fused_opt.param_groups)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(ref, fused, strict=True):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        ref_opt.step()
+        fused_opt.step()
+    for a, b in zip(ref, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ref[0], make()[0][0])  # the weights moved

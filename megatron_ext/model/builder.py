@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_ext.model.norm import SequenceParallelNorm
+from megatron_ext.model.sdpa_attention import SDPAttention
 from megatron_ext.model.stack import moe_layer_pattern
 
 try:  # Transformer Engine needs CUDA; its spec is only offered where it imports.
@@ -127,9 +128,13 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
-def layer_spec(config: TransformerConfig, impl: str = "local", moe: bool = True) -> ModuleSpec:
+def layer_spec(
+    config: TransformerConfig, impl: str = "local", moe: bool = True, sdpa: bool = True
+) -> ModuleSpec:
     """Megatron-Core's GPT layer spec for ``impl``: with our SMoE layer as the MLP, or (``moe``
-    False, a dense layer of a mixed stack) Megatron-Core's own MLP of ``ffn_hidden_size``."""
+    False, a dense layer of a mixed stack) Megatron-Core's own MLP of ``ffn_hidden_size``. With
+    the local implementation the core attention is ``SDPAttention`` (PyTorch's fused kernels)
+    unless ``sdpa`` is False (Megatron-Core's unfused ``DotProductAttention``)."""
     from megatron_ext.moe import smoe_mlp_spec
 
     num_experts = config.num_moe_experts if moe else None
@@ -147,6 +152,8 @@ def layer_spec(config: TransformerConfig, impl: str = "local", moe: bool = True)
         spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization=config.normalization)
         spec.submodules.input_layernorm = SequenceParallelNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+        if sdpa:
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
         if moe:
             # The local spec maps pre_mlp_layernorm onto TE's fused dense-MLP name; with an MoE
             # there is no fused fc1, so keep the plain name (the TE MoE spec uses it too) and
@@ -163,14 +170,14 @@ def layer_spec(config: TransformerConfig, impl: str = "local", moe: bool = True)
     return spec
 
 
-def block_spec(config: TransformerConfig, impl: str, vp_stage: int | None):
+def block_spec(config: TransformerConfig, impl: str, vp_stage: int | None, sdpa: bool = True):
     """The decoder block of one model chunk: per layer our MoE spec or, where
     ``--moe-layer-freq`` makes the layer dense, the dense one; the final norm works with
     sequence parallel (``norm.py``) for the local implementation, TE's otherwise."""
     pattern = moe_layer_pattern(config.moe_layer_freq, config.num_layers)
     first = get_transformer_layer_offset(config, vp_stage=vp_stage)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    specs = {moe: layer_spec(config, impl, moe) for moe in set(pattern[first : first + n])}
+    specs = {moe: layer_spec(config, impl, moe, sdpa) for moe in set(pattern[first : first + n])}
     if impl == "local":
         norm = SequenceParallelNorm
     else:
@@ -180,6 +187,13 @@ def block_spec(config: TransformerConfig, impl: str, vp_stage: int | None):
     return TransformerBlockSubmodules(
         layer_specs=[specs[moe] for moe in pattern[first : first + n]], layer_norm=norm
     )
+
+
+def uses_sdpa(args: argparse.Namespace) -> bool:
+    """``--attention-backend`` (Megatron-LM's flag) for the local implementation: ``unfused`` or
+    ``local`` keep Megatron-Core's ``DotProductAttention``; ``auto`` (default), ``flash`` and
+    ``fused`` take ``SDPAttention``, where PyTorch picks its flash / memory-efficient kernel."""
+    return args.transformer_impl == "local" and args.attention_backend not in ("unfused", "local")
 
 
 def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPTModel]:
@@ -194,7 +208,9 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPT
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=block_spec(config, args.transformer_impl, stage),
+                transformer_layer_spec=block_spec(
+                    config, args.transformer_impl, stage, sdpa=uses_sdpa(args)
+                ),
                 vocab_size=vocab,
                 max_sequence_length=args.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(

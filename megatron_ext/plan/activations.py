@@ -9,9 +9,10 @@ rows reaching this rank's experts (dropless: on average every EP rank gets T*K r
                              rstd); Transformer Engine (fused into linear_qkv): T_sp*h*p + 4*T_sp
                linear_qkv    T_sp*h*p (its input; gathered again in the backward under SP)
                RoPE          4*s*d*4 (cos and sin, for q and k)
-               core          local (unfused): q, and k, v repeated to A heads: 3*T*q/t*p, plus the
-                             fp32 softmax b*a*s^2*4 (+ its cast b*a*s^2*p when p < 4);
-                             flash (TE): q, k, v, output: T*(2q + 2kv)/t*p + lse b*a*s*4
+               core          local unfused (--attention-backend unfused): q, and k, v repeated
+                             to A heads: 3*T*q/t*p, plus the fp32 softmax b*a*s^2*4 (+ its
+                             cast b*a*s^2*p when p < 4); flash (TE, or the local default
+                             SDPAttention): q, k, v, output: T*(2q + 2kv)/t*p + lse b*a*s*4
                linear_proj   T*q/t*p (local; with flash it is the saved output, counted above)
     MoE        norm          local: 2*T_sp*h*p + 4*T_sp;  TE: T_sp*h*p + 4*T_sp
                router        T*h*4 (fp32 input of the gate), 3*T*E*4 with p < 4 (2 in
@@ -61,6 +62,12 @@ def _p(args) -> int:
     return 2 if (args.bf16 or args.fp16) else 4
 
 
+def _sdpa(args) -> bool:
+    from megatron_ext.model.builder import uses_sdpa
+
+    return uses_sdpa(args) if hasattr(args, "attention_backend") else False
+
+
 def _dims(args):
     s, b, t = args.seq_length, args.micro_batch_size, args.tensor_model_parallel_size
     tokens = s * b
@@ -84,7 +91,7 @@ def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, f
         "linear_qkv input": t_sp * h * p,
         "rope": 4 * s * d * 4,
     }
-    if te:
+    if te or _sdpa(args):  # TE's flash attention, or SDPAttention (PyTorch's fused kernels)
         terms["core attention (flash)"] = tokens * (2 * q + 2 * kv) // t * p + b * heads * s * 4
     else:
         softmax = b * heads * s * s * (4 + (p if p < 4 else 0))
@@ -182,7 +189,7 @@ def stage_activations(
         stored += n * t_sp * h * p  # pipeline outputs kept until their backward
     if pp_rank == 0:
         stored += min(n, args.num_microbatches) * embedding_bytes(args)
-    if args.transformer_impl != "transformer_engine":
+    if args.transformer_impl != "transformer_engine" and not _sdpa(args):
         stored += args.seq_length**2  # the unfused path's causal mask (bool), cached once
     transient = per_layer * (2 if recompute else 1)
     if pp_rank == pp - 1:
