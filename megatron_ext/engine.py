@@ -23,7 +23,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ext import cpu_mode
+from megatron_ext import cpu_mode, fallback_kernels
 from megatron_ext.model import build_model
 
 
@@ -132,6 +132,7 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
         model,
     )
     use_fused_torch_adam(optimizer)
+    fallback_kernels.use_in_place_grad_scaling()
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if args.lr_warmup_iters else args.lr,

@@ -143,3 +143,29 @@ def test_fallback_adamw_runs_pytorchs_fused_kernel_with_the_same_updates():
     for a, b in zip(ref, fused, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(ref[0], make()[0][0])  # the weights moved
+
+
+def test_grad_clipping_scales_in_place_like_megatrons_fallback():
+    import torch
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_scale
+
+    from megatron_ext import fallback_kernels
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    want = [x.clone() for x in grads]
+    local_multi_tensor_scale(0, None, [want, want], 0.25)
+    ptrs = [x.data_ptr() for x in grads]
+    fallback_kernels.multi_tensor_scale(0, None, [grads, grads], 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want, strict=True))
+    assert [x.data_ptr() for x in grads] == ptrs  # in place
+    src, dst = [torch.ones(3)], [torch.zeros(3)]
+    fallback_kernels.multi_tensor_scale(0, None, [src, dst], 2.0)
+    assert torch.equal(dst[0], torch.full((3,), 2.0))
+    before = clip_grads.multi_tensor_scale_impl
+    try:
+        assert fallback_kernels.use_in_place_grad_scaling()
+        assert clip_grads.multi_tensor_scale_impl is fallback_kernels.multi_tensor_scale
+    finally:
+        clip_grads.multi_tensor_scale_impl = before
