@@ -154,6 +154,9 @@ class _CudaAsCpu(TorchFunctionMode):
             and _targets_host(func, args, kwargs)
         ):
             return dev.to_host(func, args, kwargs)
+        if func in dev.composites:
+            with dev.inside_composite():
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -132,3 +132,22 @@ def test_plain_cpu_mode_hides_what_the_rules_catch():
     assert run_on_ranks(_without_cpu_tensor_rules_nothing_is_refused, 1)[0]
     with pytest.raises(MultiRankError, match="No backend type associated with device type cpu"):
         run_on_ranks(_without_cpu_tensor_rules_nothing_is_refused, 1, gpu_rules=True)
+
+
+def _sdpa_with_dropout():
+    import torch.nn.functional as F
+
+    from megatron_ext.gpu_rules import is_device
+
+    q = torch.randn(2, 4, 16, 8, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    kv = torch.randn(2, 2, 16, 8, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    out = F.scaled_dot_product_attention(q, kv, kv, dropout_p=0.1, is_causal=True,
+                                         enable_gqa=True)  # fmt: skip
+    out.float().sum().backward()
+    return is_device(out), is_device(q.grad), is_device(kv.grad)
+
+
+def test_sdpa_allocates_like_its_inputs_under_the_rules():
+    """SDPA's math path (dropout, bf16) builds its causal and dropout masks with the query's
+    options: device memory on a GPU, so not a host tensor reaching a device op."""
+    assert run_on_ranks(_sdpa_with_dropout, 1, gpu_rules=True)[0] == (True, True, True)

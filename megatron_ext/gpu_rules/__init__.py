@@ -26,9 +26,11 @@ Use it as ``gpu_rules.enable()`` before anything is built (the multi-rank harnes
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from megatron_ext import cpu_mode
 from megatron_ext.gpu_rules import collectives
@@ -61,9 +63,23 @@ class _DeviceSemantics:
 
     is_device = staticmethod(is_device)
     plain = staticmethod(plain)
+    # PyTorch functions whose C++ implementations allocate with ``input.options()``: on a GPU
+    # on the input's device; here (the storage is host memory) on the CPU, below anything that
+    # could tag it. Inside them every factory op is device memory (``_FactoriesOnDevice``).
+    # SDPA takes its math path on device tensors (the fused CPU kernels refuse subclasses),
+    # which builds its causal mask and dropout mask that way.
+    composites = frozenset({torch.nn.functional.scaled_dot_product_attention})
 
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
+
+    @contextlib.contextmanager
+    def inside_composite(self):
+        self.ruleset.composite_depth += 1
+        try:
+            yield
+        finally:
+            self.ruleset.composite_depth -= 1
 
     def to_device(self, out, *sources):
         """Tag what a CUDA placement returned; a host tensor handed back as is (no copy was
@@ -91,6 +107,13 @@ class _FactoriesOnDevice(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
+        if (
+            _state.get("rules") is not None
+            and _state["rules"].composite_depth
+            and not any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0])
+        ):  # a factory inside a device composite (see _DeviceSemantics.composites)
+            out = func(*args, **kwargs)
+            return tree_map(lambda t: DeviceTensor(t) if isinstance(t, torch.Tensor) else t, out)
         if device is None or torch.device(device).type != "cuda":
             return func(*args, **kwargs)
         out = func(*args, **{**kwargs, "device": torch.device("cpu")})

@@ -26,6 +26,7 @@ class RuleSet:
     index: int = 0
     syncs: Counter = field(default_factory=Counter)  # op name -> host syncs
     grouped_mm: Counter = field(default_factory=Counter)  # "fast" / "fallback" calls
+    composite_depth: int = 0  # > 0 inside a PyTorch composite that allocates like its input
 
     def sync(self, what: str, n: int = 1) -> None:
         self.syncs[what] += n
