@@ -9,10 +9,9 @@ resharded by dist_checkpointing) and trains three Adam steps on the same batches
 """
 
 import pytest
-from test_real_text import _run, dataset  # noqa: F401  (fixture: the tokenized sample corpus)
+from test_real_text import check_learns_real_text, dataset  # noqa: F401  (fixture: the corpus)
 from test_training import save_reference, train_layout
 
-from data_tools.tokenizers import mixtral_tokenizer_path
 from megatron_ext.multirank import run_on_ranks
 
 RTOL = 1e-5
@@ -85,21 +84,5 @@ def test_mixed_stack_checkpoint_names_each_layer(reference_weights):
     }
 
 
-THRESHOLD = 6.5  # nats; chance is ln(32000) = 10.37 (the bound of test_real_text.py's tiny)
-
-
 def test_tiny_deepseek_on_real_text_learns(dataset):  # noqa: F811
-    argv = (
-        f"--cpu --model tiny-deepseek --expert-model-parallel-size 2 --data-path {dataset}"
-        f" --split 95,5,0 --tokenizer-type Llama2Tokenizer"
-        f" --tokenizer-model {mixtral_tokenizer_path()} --seq-length 128 --micro-batch-size 4"
-        " --global-batch-size 16 --train-iters 40 --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 4"
-        " --lr-decay-style cosine --clip-grad 1.0 --attention-dropout 0 --hidden-dropout 0"
-        " --moe-aux-loss-coeff 1e-2 --log-interval 10 --eval-interval 20 --eval-iters 2"
-    ).split()
-    history = run_on_ranks(_run, 2, args=(argv,), timeout=600)[-1]
-    (first_it, first), (last_it, last) = history.validation[0], history.validation[-1]
-    assert (first_it, last_it) == (20, 40)
-    assert history[0] > 10.0
-    assert last < first
-    assert last < THRESHOLD, f"validation loss {last:.3f} after 40 steps"
+    check_learns_real_text(dataset, "tiny-deepseek")  # the bound of `tiny`: 6.5 nats

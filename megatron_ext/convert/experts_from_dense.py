@@ -39,6 +39,7 @@ class ExpertPlan:
     expert_neurons: tuple[torch.Tensor, ...]  # E index tensors into the F neurons
     shared_neurons: torch.Tensor | None  # the shared expert's neurons, or None
     scaling_factor: float | None  # --moe-router-topk-scaling-factor for an exact step 0
+    granularity: int = 1  # copy: experts per copy of the dense FFN (one router row each copy)
 
     @property
     def expert_ffn(self) -> int:
@@ -54,8 +55,8 @@ def plan_copy(ffn: int, num_experts: int, granularity: int = 1) -> ExpertPlan:
         )
     segments = torch.arange(ffn).view(granularity, ffn // granularity)
     experts = tuple(segments[e % granularity] for e in range(num_experts))
-    return ExpertPlan("copy", num_experts, experts, None, float(granularity) if granularity > 1
-                      else None)  # fmt: skip
+    factor = float(granularity) if granularity > 1 else None
+    return ExpertPlan("copy", num_experts, experts, None, factor, granularity)
 
 
 def plan_partition(
@@ -95,13 +96,13 @@ def shared_weights(plan: ExpertPlan, part: str, weight: torch.Tensor) -> torch.T
 
 
 def router_rows(
-    plan: ExpertPlan, hidden: int, granularity: int, std: float, generator: torch.Generator
+    plan: ExpertPlan, hidden: int, std: float, generator: torch.Generator
 ) -> torch.Tensor:
     """The gate ``[E, H]``: zeros (partition), or one N(0, std) row per copy of the dense FFN
     repeated for its G experts (copy)."""
     if plan.method == "partition":
         return torch.zeros(plan.num_experts, hidden)
-    rows = torch.empty(plan.num_experts // granularity, hidden).normal_(
+    rows = torch.empty(plan.num_experts // plan.granularity, hidden).normal_(
         0.0, std, generator=generator
     )
-    return rows.repeat_interleave(granularity, dim=0)
+    return rows.repeat_interleave(plan.granularity, dim=0)

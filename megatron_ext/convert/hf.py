@@ -59,13 +59,15 @@ EXTRA_STATES = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-_MOE_FLAGS = (
+# Saved in a converted checkpoint's architecture (shapes and routing) and printed as flags.
+_SAVED_MOE_FIELDS = (
     "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size",
-    "moe_router_topk_scaling_factor",
     "moe_router_pre_softmax",
     "moe_shared_expert_gate",
 )
+# Printed only: the factor that makes an upcycled model's step 0 the dense model.
+_MOE_FLAGS = _SAVED_MOE_FIELDS + ("moe_router_topk_scaling_factor",)
 
 
 class ConversionError(UsageError, ValueError):
@@ -119,7 +121,7 @@ class Arch:
             "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights,
             "position_embedding_type": "rope",
         }
-        for field in _MOE_FLAGS[:2] + _MOE_FLAGS[3:]:  # shapes and routing (not the scaling)
+        for field in _SAVED_MOE_FIELDS:
             if getattr(self, field):
                 arch[field] = getattr(self, field)
         hparams = {

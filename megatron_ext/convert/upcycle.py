@@ -36,16 +36,17 @@ _DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight
 _PART = {"gate": "w1", "up": "w3", "down": "w2"}
 
 
-def router_weight(arch: Arch, layer: int, std: float, seed: int, dtype, plan=None, gran=1):
+def router_weight(arch: Arch, layer: int, std: float, seed: int, dtype, plan: xd.ExpertPlan):
     """A fresh gate ``[E, H]`` for ``layer`` from a generator seeded per layer (the same result
     whatever order the input shards come in): N(0, std) rows, one per copy of the FFN (zeros
     for partitioned experts)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + layer)
-    plan = plan or xd.plan_copy(arch.ffn_hidden_size, arch.num_experts)
-    return xd.router_rows(plan, arch.hidden_size, gran, std, gen).to(dtype)
+    return xd.router_rows(plan, arch.hidden_size, std, gen).to(dtype)
 
 
-def dense_pieces(arch: Arch, name: str, weight: torch.Tensor, plan=None) -> tuple[list, list[str]]:
+def dense_pieces(
+    arch: Arch, name: str, weight: torch.Tensor, plan: xd.ExpertPlan
+) -> tuple[list, list[str]]:
     """Our pieces for one dense HF tensor and the canonical names it covers."""
     found = hf.common_pieces(arch, name, weight)
     if found is not None:
@@ -53,7 +54,6 @@ def dense_pieces(arch: Arch, name: str, weight: torch.Tensor, plan=None) -> tupl
     match = _DENSE_MLP.fullmatch(name)
     if match:
         layer, dense_part = int(match.group(1)), match.group(2)
-        plan = plan or xd.plan_copy(arch.ffn_hidden_size, arch.num_experts)
         pieces = []
         for e in range(arch.num_experts):
             expert = xd.expert_weights(plan, dense_part, weight, e)
@@ -77,14 +77,14 @@ def shared_pieces(arch: Arch, layer: int, dense_part: str, weight: torch.Tensor)
     return [piece(SHARED_FC1, weight.contiguous(), at, half, prepend=1)]
 
 
-def _parts(src, arch, dtype, seen, std, seed, plan, gran):
+def _parts(src, arch, dtype, seen, std, seed, plan):
     router_dtype = None
     for path, tensors in hf.iter_shards(src, dtype):
         if router_dtype is None:  # the routers go with the first shard, in its dtype
             router_dtype = next(iter(tensors.values())).dtype
             routers = [
                 hf.layer_piece(
-                    hf.ROUTER, arch, n, router_weight(arch, n, std, seed, router_dtype, plan, gran)
+                    hf.ROUTER, arch, n, router_weight(arch, n, std, seed, router_dtype, plan)
                 )
                 for n in range(arch.num_layers)
             ]
@@ -157,7 +157,7 @@ def upcycle(
         "order": order, "shared_groups": shared_groups, "router_init_std": router_std,
         "seed": seed,
     }  # fmt: skip
-    parts = _parts(src, arch, dtype, seen, router_std, seed, plan, granularity)
+    parts = _parts(src, arch, dtype, seen, router_std, seed, plan)
     write_checkpoint(
         dst,
         arch,

@@ -104,19 +104,23 @@ class _FactoriesOnDevice(TorchDispatchMode):
     mode's function mode popped): allocate on the CPU and tag. ``torch.cuda._lazy_init`` is a
     no-op while the rules are on, so such calls reach the dispatcher instead of failing."""
 
+    def __init__(self, ruleset: RuleSet):
+        super().__init__()
+        self.ruleset = ruleset
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
-        if (
-            _state.get("rules") is not None
-            and _state["rules"].composite_depth
-            and not any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0])
-        ):  # a factory inside a device composite (see _DeviceSemantics.composites)
-            out = func(*args, **kwargs)
-            return tree_map(lambda t: DeviceTensor(t) if isinstance(t, torch.Tensor) else t, out)
-        if device is None or torch.device(device).type != "cuda":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        # A factory inside a device composite (see _DeviceSemantics.composites): no tensor in.
+        in_composite = self.ruleset.composite_depth and not any(
+            isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0]
+        )
+        if not (on_cuda or in_composite):
             return func(*args, **kwargs)
-        out = func(*args, **{**kwargs, "device": torch.device("cpu")})
+        if on_cuda:
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        out = func(*args, **kwargs)
         return tree_map(lambda t: DeviceTensor(t) if isinstance(t, torch.Tensor) else t, out)
 
 
@@ -181,7 +185,7 @@ def enable(spec: DeviceSpec = H100_SXM) -> RuleSet:
     DeviceTensor.rules = ruleset
     stance = torch.compiler.set_stance("force_eager")
     stance.__enter__()
-    factories = _FactoriesOnDevice()
+    factories = _FactoriesOnDevice(ruleset)
     factories.__enter__()
     _state.update(rules=ruleset, originals=originals, stance=stance, factories=factories)
     return ruleset

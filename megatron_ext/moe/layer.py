@@ -83,19 +83,20 @@ def _check_config(config) -> None:
         bad.append("moe_router_score_function must be 'softmax' or 'sigmoid'")
     if config.moe_router_dtype not in (None, *ROUTER_DTYPES):
         bad.append(f"moe_router_dtype must be one of {tuple(ROUTER_DTYPES)}")
-    groups, group_topk, e, k = (
+    # Megatron's TransformerConfig already checks group_topk without groups, experts divisible
+    # by the groups and group_topk <= groups; these two it leaves to the router, which would
+    # silently ignore the groups or score groups by zero experts.
+    groups, group_topk, k = (
         config.moe_router_num_groups,
         config.moe_router_group_topk,
-        config.num_moe_experts,
         config.moe_router_topk,
     )
-    if bool(groups) != bool(group_topk):
-        bad.append("moe_router_num_groups and moe_router_group_topk go together")
-    elif groups and (e % groups or group_topk > groups or k % group_topk):
+    if groups and not group_topk:
+        bad.append("moe_router_num_groups needs moe_router_group_topk")
+    elif group_topk and k % group_topk:
         bad.append(
-            f"group-limited routing needs num_moe_experts ({e}) divisible by "
-            f"moe_router_num_groups ({groups}), moe_router_group_topk ({group_topk}) <= the "
-            f"groups, and moe_router_topk ({k}) divisible by moe_router_group_topk"
+            f"group-limited routing needs moe_router_topk ({k}) divisible by "
+            f"moe_router_group_topk ({group_topk})"
         )
     if config.moe_token_drop_policy not in DROP_POLICIES:
         bad.append(f"moe_token_drop_policy must be one of {DROP_POLICIES}")
