@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
-from megatron_ext import checkpointing, data, engine, preflight
+from megatron_ext import checkpointing, data, engine, preflight, profiling
 from megatron_ext.arguments import check_environment, parse_args
 from megatron_ext.checkpointing.lock import lock_save_dir
 from megatron_ext.errors import TrainingStopped, UsageError, agreed
@@ -31,6 +31,7 @@ from megatron_ext.metrics import Reporter, expert_load, precision_of
 from megatron_ext.model import transformer_config
 from megatron_ext.model.presets import describe as describe_model
 from megatron_ext.moe import collect_moe_stats, set_aux_loss_scale
+from megatron_ext.profiling import phase
 
 
 def print_rank_last(*parts) -> None:
@@ -47,7 +48,8 @@ def get_batch(data_iterator, vp_stage=None):
     if not (first or last):
         return None, None, None, None
     # The current CUDA device; under --cpu, CPU mode maps it to the CPU.
-    batch = {k: v.to(torch.cuda.current_device()) for k, v in next(data_iterator).items()}
+    with phase(profiling.BATCH):
+        batch = {k: v.to(torch.cuda.current_device()) for k, v in next(data_iterator).items()}
     return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
 
 
@@ -63,9 +65,10 @@ def loss_func(loss_mask, output_tensor):
 
 # --------------------------------------------------------------------------------- forward step
 def forward_step(data_iterator, model):
-    vp_stage = get_attr_wrapped_model(model, "vp_stage")  # through DDP / Float16Module
-    tokens, labels, loss_mask, position_ids = get_batch(data_iterator, vp_stage)
-    output_tensor = model(tokens, position_ids, None, labels=labels)
+    with phase(profiling.FORWARD):  # named ranges: --profile's breakdown (profiling.py)
+        vp_stage = get_attr_wrapped_model(model, "vp_stage")  # through DDP / Float16Module
+        tokens, labels, loss_mask, position_ids = get_batch(data_iterator, vp_stage)
+        output_tensor = model(tokens, position_ids, None, labels=labels)
     return output_tensor, partial(loss_func, loss_mask)
 
 
@@ -124,16 +127,20 @@ def forward_backward(args, data_iterator, model, forward_only=False):
 
 
 def train_step(args, data_iterator, model, optimizer, scheduler):
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    with phase(profiling.ZERO_GRAD):
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
     # Router losses get the same gradient scale as the LM loss (loss scale / micro-batches).
     set_aux_loss_scale(model, optimizer.get_loss_scale() / args.num_microbatches)
-    losses = forward_backward(args, data_iterator, model)
-    ok, grad_norm, _ = optimizer.step()
+    with phase(profiling.FWD_BWD):
+        losses = forward_backward(args, data_iterator, model)
+    with phase(profiling.OPTIMIZER):
+        ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    return reduce_losses(losses), ok, grad_norm
+    with phase(profiling.LOGGING):
+        return reduce_losses(losses), ok, grad_norm
 
 
 @torch.no_grad()
@@ -166,7 +173,11 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
     valid_it = data_iterators(args, valid_ds, 0, model)
     tick = time.time()
     history, saved = History(), state.iteration if args.load else None
+    profiler = profiling.StepProfiler(
+        profiling.Window.from_args(args), model, dist.get_rank(), on_gpu=not args.cpu
+    )
     while state.iteration < args.train_iters:
+        print_breakdown(profiler.step(state.iteration))  # --profile: opens/closes its window
         losses, ok, grad_norm = train_step(args, train_it, model, optimizer, scheduler)
         state.iteration += 1
         state.consumed_samples += args.global_batch_size
@@ -176,14 +187,16 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
         history.append(losses["lm loss"])
         if state.iteration % args.log_interval == 0:
             elapsed, tick = (time.time() - tick) / args.log_interval, time.time()
-            load = expert_load(gather_moe_stats(model))
+            with phase(profiling.LOGGING):
+                load = expert_load(gather_moe_stats(model))
             values = {**losses, "lr": scheduler.get_lr(optimizer.param_groups[0])}
             values.update(grad_norm=float(grad_norm or 0.0), skipped=state.skipped)
             if args.fp16:  # the dynamic loss scale: halves on overflow, skipping the step
                 values["loss scale"] = float(optimizer.get_loss_scale())
             for k in ("aux_loss", "z_loss"):
                 values[f"router {k}"] = sum(v[k] for v in load.values()) / max(len(load), 1)
-            print_rank_last(reporter.log(state.iteration, values, elapsed, load))
+            with phase(profiling.LOGGING):
+                print_rank_last(reporter.log(state.iteration, values, elapsed, load))
         if args.eval_iters and valid_it and state.iteration % args.eval_interval == 0:
             val = evaluate(args, valid_it, model)
             print_rank_last(f"validation at iter {state.iteration}: lm loss {val['lm loss']:.4f}")
@@ -198,9 +211,16 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
         if reason:
             print_rank_last(f"stopping after iteration {state.iteration}: {reason}")
             break
+    print_breakdown(profiler.close())
     if args.save and saved != state.iteration:
         checkpointing.save(args, state, model, optimizer, scheduler)
     return history
+
+
+def print_breakdown(report) -> None:
+    """A profiled rank says where its step's time went (rank named: ranks differ)."""
+    if report:
+        print(report, flush=True)
 
 
 def check_finite(args, iteration: int, loss: float, ok: bool, grad_norm, saved) -> None:

@@ -21,7 +21,10 @@ the table gives medians.
 Shapes: ``issue`` = 4 layers, hidden 512, FFN 1024, 8 heads / 4 KV heads, 8 experts top-2,
 vocabulary 32000, 4 x 512 tokens per step; ``small`` = the ``small`` preset (4 layers, hidden
 256, FFN 512) at 8 x 256 tokens; ``tiny`` (2 layers, hidden 64) is the test suite's smoke run.
-Not yet here: the per-phase breakdown of our step (issue 14, item 1).
+
+Then (unless ``--no-breakdown``) one more run of ours under ``--profile --use-pytorch-profiler``
+(``megatron_ext/profiling.py``) prints where our step's time goes: forward attention, forward MoE,
+output layer + loss, backward, grad machinery, optimizer, logging.
 """
 
 from __future__ import annotations
@@ -182,6 +185,26 @@ def _seq(flags):
     return PRESETS[_flag(flags, "--model")].seq_length
 
 
+BREAKDOWN_STEPS = (3, 6)  # profiled iterations (0-based, end excluded), after the warm-up
+
+
+def breakdown(shape: str) -> str:
+    """Our step under torch.profiler: the per-phase table ``pretrain_mixtral.py`` prints."""
+    flags, env = our_flags(shape), dict(os.environ)
+    start, end = BREAKDOWN_STEPS
+    cmd = [sys.executable, "pretrain_mixtral.py", *flags, "--train-iters", str(end + 1),
+           "--profile", "--use-pytorch-profiler", "--profile-step-start", str(start),
+           "--profile-step-end", str(end)]  # fmt: skip
+    return table_of(_timed(cmd, env)[2])
+
+
+def table_of(stdout: str) -> str:
+    lines = stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("profile of"))
+    last = next(i for i in range(first, len(lines)) if "whole step" in lines[i])
+    return "\n".join(lines[first : last + 1])
+
+
 def report(shape: str, out: dict) -> str:
     rows = []
     med = {
@@ -215,6 +238,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--short", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-breakdown", action="store_true", help="skip the profiled run of ours")
     p.add_argument("--hf-loop", metavar="HF_DIR", help=argparse.SUPPRESS)
     p.add_argument("--flags", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -223,6 +247,8 @@ def main(argv=None):
         return 0
     out = compare(a.shape, a.steps, a.short, a.reps)
     print(report(a.shape, out), flush=True)
+    if not a.no_breakdown:
+        print("\n" + breakdown(a.shape), flush=True)
     return 0
 
 

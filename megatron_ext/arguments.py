@@ -174,6 +174,13 @@ def _training_args(p: argparse.ArgumentParser) -> None:
         dest="check_for_nan_in_loss_and_grad",
     )
     g.add_argument(
+        "--no-gradient-accumulation-fusion",
+        action="store_false",
+        dest="gradient_accumulation_fusion",
+        help="return each weight gradient and let DDP add it to the grad buffer, instead of "
+        "accumulating the weight-gradient GEMM into it (default: fused, as Megatron-LM)",
+    )
+    g.add_argument(
         "--override-opt-param-scheduler",
         action="store_true",
         help="on --load, take the schedule from these flags, not the checkpoint",
@@ -252,6 +259,17 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
         dest="verify_checkpoint",
         help="load without checking the files against the checkpoint's checksums",
     )
+    g.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile iterations --profile-step-start..--profile-step-end on --profile-ranks: "
+        "for nsys (cudaProfilerStart/Stop), or torch.profiler with --use-pytorch-profiler (trace "
+        "in --tensorboard-dir, and a per-phase breakdown of the step printed)",
+    )
+    g.add_argument("--use-pytorch-profiler", action="store_true")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", nargs="+", type=int, default=[0])
     g.add_argument("--wandb-project", default=None, help="accepted; use --tensorboard-dir")
     g.add_argument("--wandb-exp-name", default=None, help="accepted; use --tensorboard-dir")
 

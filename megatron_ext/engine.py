@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 from datetime import timedelta
 
@@ -23,7 +24,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ext import cpu_mode, fallback_kernels
+from megatron_ext import cpu_mode, fallback_kernels, profiling
 from megatron_ext.model import build_model
 
 
@@ -150,7 +151,7 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
     )
     # The pipeline schedules take these from the config.
     config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = _named_range(finalize_model_grads, profiling.GRAD_SYNC)
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     if args.overlap_grad_reduce and args.align_grad_reduce:
         config.grad_sync_func = [m.start_grad_sync for m in model]
@@ -161,6 +162,17 @@ def setup_model_and_optimizer(args: argparse.Namespace, config):
         if len(model) == 1:
             config.param_sync_func = config.param_sync_func[0]
     return model, optimizer, scheduler
+
+
+def _named_range(fn, name: str):
+    """``fn`` inside a named profiler range (--profile's breakdown)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with profiling.phase(name):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 @contextlib.contextmanager

@@ -6,6 +6,13 @@ Megatron-Core's fallback ``local_multi_tensor_scale`` runs ``dst.copy_(src * sca
 tensor, allocating a full copy of every gradient on every clipped step (60 ms of a 2.3 s CPU
 step at issue 14's shape). When the source and destination lists are the same tensors, as
 they are for clipping, one in-place ``torch._foreach_mul_`` does the same arithmetic.
+
+``fused_weight_gradient_mlp_cuda`` (gradient accumulation fusion, Megatron-LM's default, off
+with ``--no-gradient-accumulation-fusion``): the weight gradient GEMM of each linear layer adds
+straight into the DDP buffer's ``main_grad`` instead of returning a fresh gradient that DDP's
+hook then adds in (``main_grad.add_(grad)``). Without apex Megatron-Core refuses the option;
+:class:`WgradAccumulation` is the same contract on ``torch.addmm_`` (a GEMM with beta = 1 on
+CPU and CUDA alike): no gradient-sized allocation (page faults on CPU), no extra pass over it.
 """
 
 from __future__ import annotations
@@ -33,3 +40,36 @@ def use_in_place_grad_scaling() -> bool:
     if clip_grads.multi_tensor_scale_impl is local_multi_tensor_scale:
         clip_grads.multi_tensor_scale_impl = multi_tensor_scale
     return clip_grads.multi_tensor_scale_impl is multi_tensor_scale
+
+
+def accumulate_wgrad(main_grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``main_grad += a @ b``: inside the GEMM (beta = 1) when the dtypes agree; with bf16/fp16
+    operands and fp32 ``main_grad``, the half-precision product added in, exactly what DDP's
+    hook would add from an unfused layer."""
+    if main_grad.dtype == a.dtype:
+        main_grad.addmm_(a, b)
+    else:
+        main_grad.add_(torch.mm(a, b))
+
+
+class WgradAccumulation:
+    """Drop-in for apex's ``fused_weight_gradient_mlp_cuda``: ``main_grad += d_outᵀ @ input``
+    for ``input [T, in]``, ``d_out [T, out]``, ``main_grad [out, in]`` (fp32 or half)."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(input_TI, grad_output_TO, main_grad_OI) -> None:
+        accumulate_wgrad(main_grad_OI, grad_output_TO.t(), input_TI)
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
+def use_wgrad_accumulation() -> bool:
+    """Let Megatron-Core's linear layers take ``gradient_accumulation_fusion`` without apex
+    (before the model is built: the layers check at construction); True when the fusion is
+    available, apex's kernel or :class:`WgradAccumulation`."""
+    from megatron.core.tensor_parallel import layers
+
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = WgradAccumulation
+        layers._grad_accum_fusion_available = True
+    return layers._grad_accum_fusion_available

@@ -70,6 +70,12 @@ def check_values(args: argparse.Namespace) -> None:
         f"--moe-router-topk {args.moe_router_topk} exceeds --num-experts {args.num_experts}: "
         "a token cannot pick more experts than there are",
     )
+    if args.profile:
+        _require(
+            0 <= args.profile_step_start < args.profile_step_end,
+            f"--profile-step-start {args.profile_step_start} and --profile-step-end "
+            f"{args.profile_step_end}: need 0 <= start < end (iterations, end excluded)",
+        )
     _require(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr} (the peak)")
     decay = args.lr_decay_iters or args.train_iters
     _require(
@@ -127,6 +133,13 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         args.num_layers % pp == 0,
         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
     )
+    if args.profile:
+        outside = [r for r in args.profile_ranks if not 0 <= r < world_size]
+        _require(
+            not outside,
+            f"--profile-ranks {' '.join(map(str, outside))}: no such rank (world size "
+            f"{world_size})",
+        )
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage:
         per_stage, vl = args.num_layers // pp, args.num_layers_per_virtual_pipeline_stage
@@ -309,6 +322,11 @@ def unhonoured(args: argparse.Namespace) -> list[str]:
         notes.append("--no-masked-softmax-fusion: CPU ranks never fuse the softmax")
     if args.wandb_project or args.wandb_exp_name:
         notes.append("--wandb-project/--wandb-exp-name: W&B is not wired in; use --tensorboard-dir")
+    if args.profile and not args.use_pytorch_profiler and args.cpu:
+        notes.append(
+            "--profile without --use-pytorch-profiler brackets the steps for nsys "
+            "(cudaProfilerStart/Stop): nothing to capture on CPU ranks; add --use-pytorch-profiler"
+        )
     if args.num_workers:
         notes.append("--num-workers: batches are read in the training process")
     if args.attention_backend != "auto" and args.transformer_impl != "local":

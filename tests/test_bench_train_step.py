@@ -25,3 +25,13 @@ def test_ours_and_the_hf_loop_see_the_same_model_and_batches(tmp_path):
     # updates (the router aux losses differ only by their normalisation, coefficient 0.01).
     assert losses["ours"] == pytest.approx(losses["hf"], rel=2e-4)
     assert losses["ours"][2] != losses["ours"][0]  # it trained
+
+
+def test_the_bench_prints_our_per_phase_breakdown():
+    import train_step
+
+    table = train_step.breakdown("tiny")
+    assert table.startswith("profile of 3 steps on rank 0")
+    for phase in ("forward: attention", "forward: MoE layers", "backward", "optimizer"):
+        assert phase in table
+    assert "whole step" in table.splitlines()[-1]

@@ -28,7 +28,10 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_ext import fallback_kernels
+from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.model.norm import SequenceParallelNorm
+from megatron_ext.model.output_layer import reuse_logits_buffer
 from megatron_ext.model.sdpa_attention import SDPAttention
 from megatron_ext.model.stack import moe_layer_pattern
 
@@ -113,7 +116,9 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         # kernels that only exist on GPUs
         bias_dropout_fusion=not args.cpu,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # weight gradients added straight into DDP's main_grad (apex's kernel, or
+        # fallback_kernels.WgradAccumulation), as Megatron-LM by default
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         use_cpu_initialization=args.cpu,
         # pipeline: as Megatron-LM sets them. Not deallocating on CPU: it swaps a sent
         # tensor's .data, which NCCL has already read on its stream but gloo's asynchronous
@@ -196,8 +201,22 @@ def uses_sdpa(args: argparse.Namespace) -> bool:
     return args.transformer_impl == "local" and args.attention_backend not in ("unfused", "local")
 
 
+class MoEGPTModel(GPTModel):
+    """Megatron-Core's ``GPTModel``; on CPU ranks its loss is the blocked vocab-parallel
+    cross-entropy (``cross_entropy.py``: the same arithmetic, a third of the memory traffic)."""
+
+    def compute_language_model_loss(self, labels, logits):
+        if logits.is_cuda or self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        labels_SB = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as Megatron's
+        loss_SB = vocab_parallel_cross_entropy(logits, labels_SB, self.pg_collection.tp)
+        return loss_SB.transpose(0, 1).contiguous()
+
+
 def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPTModel]:
     """This pipeline rank's model chunks (one per virtual pipeline stage)."""
+    if config.gradient_accumulation_fusion:  # the linear layers check for the kernel when built
+        fallback_kernels.use_wgrad_accumulation()
     vocab = padded_vocab_size(
         args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
@@ -206,7 +225,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPT
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         chunks.append(
-            GPTModel(
+            MoEGPTModel(
                 config=config,
                 transformer_layer_spec=block_spec(
                     config, args.transformer_impl, stage, sdpa=uses_sdpa(args)
@@ -225,4 +244,6 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPT
                 vp_stage=stage,
             )
         )
+        if args.cpu and chunks[-1].post_process:  # the step's largest tensor, CPU ranks
+            reuse_logits_buffer(chunks[-1].output_layer)
     return chunks

@@ -37,6 +37,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+from megatron_ext.fallback_kernels import accumulate_wgrad
 from megatron_ext.moe.dispatcher import MoEGroups, group_rank, group_size
 from megatron_ext.moe.fp8_experts import TEExperts
 
@@ -53,10 +54,15 @@ class _LoopExperts(torch.autograd.Function):
     fresh pages every step, and their page faults cost more than the activation itself.
     Saved for backward, per expert: the GEMM1 output h, silu(g) and the activation a (what
     autograd would save).
+
+    ``fuse_wgrad`` (gradient accumulation fusion, as Megatron-Core's linear layers): the weight
+    gradients are added straight into the parameters' DDP ``main_grad`` (``addmm_``), and
+    autograd gets untouched placeholders with ``grad_added_to_main_grad`` set, so DDP's hook
+    does not add them again.
     """
 
     @staticmethod
-    def forward(ctx, x_MH, w13_LFH, w2_LHF, splits):
+    def forward(ctx, x_MH, w13_LFH, w2_LHF, splits, fuse_wgrad=False):
         fs = w2_LHF.shape[-1]
         y_MH = x_MH.new_empty(x_MH.shape[0], w2_LHF.shape[1])
         saved, start = [], 0
@@ -71,6 +77,7 @@ class _LoopExperts(torch.autograd.Function):
                 saved += [h, s, a]
         ctx.save_for_backward(x_MH, w13_LFH, w2_LHF, *saved)
         ctx.splits = splits
+        ctx.params = (w13_LFH, w2_LHF) if fuse_wgrad else None  # their main_grad attributes
         return y_MH
 
     @staticmethod
@@ -78,25 +85,39 @@ class _LoopExperts(torch.autograd.Function):
         x_MH, w13_LFH, w2_LHF, *saved = ctx.saved_tensors
         dy_MH, fs = dy_MH.contiguous(), w2_LHF.shape[-1]
         dx_MH = torch.empty_like(x_MH)
-        dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
+        fused = ctx.params is not None
+        if fused:
+            dw13, dw2 = (p.main_grad for p in ctx.params)
+        else:
+            dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
+        wgrad = accumulate_wgrad if fused else _overwrite
         saved, start = iter(saved), 0
         for e, n in enumerate(ctx.splits):
             rows = slice(start, start + n)
             start += n
             if not n:  # an expert without rows still gets a (zero) gradient
-                dw13[e].zero_()
-                dw2[e].zero_()
+                if not fused:
+                    dw13[e].zero_()
+                    dw2[e].zero_()
                 continue
             h, s, a = next(saved), next(saved), next(saved)
-            torch.mm(dy_MH[rows].t(), a, out=dw2[e])
+            wgrad(dw2[e], dy_MH[rows].t(), a)
             da = torch.mm(dy_MH[rows], w2_LHF[e])
             dh = torch.empty_like(h)
             torch.mul(da, s, out=dh[:, fs:])  # d up = da * silu(g)
             torch.mul(da, h[:, fs:], out=dh[:, :fs])  # d gate = silu'(g) * da * up
             torch.ops.aten.silu_backward.grad_input(dh[:, :fs], h[:, :fs], grad_input=dh[:, :fs])
             torch.mm(dh, w13_LFH[e], out=dx_MH[rows])
-            torch.mm(dh.t(), x_MH[rows], out=dw13[e])
-        return dx_MH, dw13, dw2, None
+            wgrad(dw13[e], dh.t(), x_MH[rows])
+        if fused:  # placeholders for autograd; DDP's hook skips them (never read, never zeroed)
+            for p in ctx.params:
+                p.grad_added_to_main_grad = True
+            dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
+        return dx_MH, dw13, dw2, None, None
+
+
+def _overwrite(out, a, b):
+    torch.mm(a, b, out=out)
 
 
 def grouped_mm_eligible(dtype, capability: tuple[int, int], hidden: int, ffn_shard: int) -> bool:
@@ -130,16 +151,19 @@ def _grouped_mm(x_MK, w_LNK, splits_L: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x_MK, w_LNK.transpose(-2, -1), offs=offs)
 
 
-def expert_mlp(x_MH, w13_LFH, w2_LHF, splits: tuple[int, ...], splits_L: torch.Tensor):
+def expert_mlp(
+    x_MH, w13_LFH, w2_LHF, splits: tuple[int, ...], splits_L: torch.Tensor, fuse_wgrad=False
+):
     """``y_MH``: SwiGLU expert e on its ``splits[e]`` consecutive rows of ``x_MH``.
 
     CUDA bf16 on sm90: two ``torch._grouped_mm`` around one SwiGLU over all rows;
-    elsewhere (CPU, other GPUs, fp16, fp32, F or H not multiples of 8): :class:`_LoopExperts`.
+    elsewhere (CPU, other GPUs, fp16, fp32, F or H not multiples of 8): :class:`_LoopExperts`
+    (weight gradients into ``main_grad`` with ``fuse_wgrad``).
     """
     if _use_torch_grouped_mm(x_MH, w13_LFH, w2_LHF):
         h_MF2 = _grouped_mm(x_MH, w13_LFH, splits_L)
         return _grouped_mm(swiglu(h_MF2), w2_LHF, splits_L)
-    return _LoopExperts.apply(x_MH, w13_LFH, w2_LHF, tuple(splits))
+    return _LoopExperts.apply(x_MH, w13_LFH, w2_LHF, tuple(splits), fuse_wgrad)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -196,6 +220,7 @@ class GroupedExperts(torch.nn.Module):
         for param, tp_dim in ((self.w13, 1), (self.w2, 2)):
             param.allreduce = False  # expert params: grads reduced over expert-DP only
             set_tensor_model_parallel_attributes(param, True, tp_dim, 1)
+        self.fuse_wgrad = config.gradient_accumulation_fusion
         self.te = None  # FP8: Transformer Engine's grouped GEMMs on the same weights
         if getattr(config, "fp8", None):
             self.te = TEExperts(
@@ -243,7 +268,8 @@ class GroupedExperts(torch.nn.Module):
         """Run the local experts on rows grouped by local expert (``splits`` rows each)."""
         if self.te is not None:
             return self.te(x_MH, self.w13, self.w2, splits, swiglu, _LoopExperts.apply)
-        return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L)
+        fuse = self.fuse_wgrad and hasattr(self.w13, "main_grad")  # under Megatron's DDP
+        return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L, fuse)
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
