@@ -17,7 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_ext.layout import LayoutError, check_environment, unhonoured, validate
+from megatron_ext.layout import (
+    RECOMPUTE_MODULES,
+    LayoutError,
+    check_environment,
+    unhonoured,
+    validate,
+)
 from megatron_ext.model.presets import PRESETS
 from megatron_ext.model.stack import parse_moe_layer_freq
 
@@ -145,6 +151,21 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--recompute-modules",
+        nargs="*",
+        choices=list(RECOMPUTE_MODULES),
+        default=None,
+        help="with --recompute-granularity selective: what to recompute (Megatron-Core's "
+        "names; default core_attn). Our MoE layer honours moe (the whole layer) and moe_act "
+        "(the experts' SwiGLU); mlp applies to dense layers",
+    )
+    g.add_argument(
+        "--moe-layer-recompute",
+        action="store_true",
+        help="recompute each MoE layer in the backward (= --recompute-granularity selective "
+        "--recompute-modules ... moe, as Megatron-LM)",
+    )
     g.add_argument(
         "--recompute-activations",
         action="store_true",
@@ -353,6 +374,11 @@ def _apply_preset(args: argparse.Namespace) -> None:
                 )
     if args.recompute_activations and args.recompute_granularity is None:
         args.recompute_granularity = "selective"
+    if args.moe_layer_recompute and args.recompute_granularity != "full":
+        args.recompute_granularity = "selective"  # as Megatron-Core's TransformerConfig does
+        args.recompute_modules = list(args.recompute_modules or ["core_attn"])
+        if "moe" not in args.recompute_modules:
+            args.recompute_modules.append("moe")
     for dest, value in _MEGATRON_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)

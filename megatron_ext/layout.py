@@ -17,6 +17,12 @@ from megatron_ext.moe_checks import check_moe, moe_unhonoured
 __all__ = ["LayoutError", "check_environment", "unhonoured", "validate"]
 
 
+# Megatron-Core 0.16.1's --recompute-modules (TransformerConfig.recompute_modules).
+RECOMPUTE_MODULES = (
+    "core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts",
+)  # fmt: skip
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise LayoutError(message)
@@ -210,6 +216,26 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             "switched off (as Megatron-LM does)"
         )
         args.sequence_parallel = False
+    _require(
+        not (args.moe_layer_recompute and args.recompute_granularity == "full"),
+        "--moe-layer-recompute cannot be combined with --recompute-granularity full (the whole "
+        "layer is recomputed already), as in Megatron-LM",
+    )
+    modules = args.recompute_modules or []
+    _require(
+        "mla_up_proj" not in modules,
+        "--recompute-modules mla_up_proj: this stack has no multi-latent attention",
+    )
+    _require(
+        not ("shared_experts" in modules and args.moe_shared_expert_overlap),
+        "--recompute-modules shared_experts cannot work with --moe-shared-expert-overlap "
+        "(Megatron-Core's rule)",
+    )
+    _require(
+        not ("moe" in modules and args.moe_router_force_load_balancing),
+        "--recompute-modules moe (or --moe-layer-recompute) with "
+        "--moe-router-force-load-balancing: the recomputation would draw other random routes",
+    )
     if args.recompute_granularity == "full":
         _require(
             args.recompute_method is not None and args.recompute_num_layers,
@@ -243,6 +269,11 @@ def check_environment(args: argparse.Namespace) -> None:
         "--transformer-impl transformer_engine (the default on GPUs) needs Transformer Engine "
         "(pip install 'megatron-mixtral[gpu]', or an NGC PyTorch container); pass "
         "--transformer-impl local to run without it",
+    )
+    _require(
+        te or "layernorm" not in (args.recompute_modules or ()),
+        "--recompute-modules layernorm needs Transformer Engine: Megatron-Core 0.16.1's "
+        "CheckpointWithoutOutput reads TE's FP8 state (a NameError without it)",
     )
     if args.fp8_format and not args.cpu:
         _require(
@@ -326,6 +357,11 @@ def unhonoured(args: argparse.Namespace) -> list[str]:
         notes.append(
             "--profile without --use-pytorch-profiler brackets the steps for nsys "
             "(cudaProfilerStart/Stop): nothing to capture on CPU ranks; add --use-pytorch-profiler"
+        )
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        notes.append(
+            "--recompute-modules: only read with --recompute-granularity selective "
+            f"(here: {args.recompute_granularity})"
         )
     if args.num_workers:
         notes.append("--num-workers: batches are read in the training process")

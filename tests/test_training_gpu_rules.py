@@ -53,6 +53,11 @@ LAYOUTS = {
         4,
         "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --sequence-parallel",
     ),
+    "EP2 recompute moe, moe_act, core_attn": (
+        2,
+        "--expert-model-parallel-size 2 --moe-layer-recompute --recompute-modules core_attn"
+        " moe_act",
+    ),
     "PP2xDP2xEP2 overlap + eval": (
         4,
         f"--pipeline-model-parallel-size 2 --expert-model-parallel-size 2 {OVERLAP}"

@@ -57,7 +57,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """Map parsed flags to Megatron-Core's ``TransformerConfig`` (flag -> field, one place)."""
     dtype = params_dtype(args)
     window = (args.window_size - 1, 0) if args.window_size else None
-    return TransformerConfig(
+    config = TransformerConfig(
         # architecture
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -130,7 +130,19 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
+        # moe_act is put back below: Megatron-Core accepts it only with its grouped-GEMM
+        # experts, and ours always run as one grouped node (moe/experts.py)
+        recompute_modules=[m for m in recompute_modules(args) if m != "moe_act"],
     )
+    if "moe_act" in recompute_modules(args):
+        config.recompute_modules.append("moe_act")
+    return config
+
+
+def recompute_modules(args: argparse.Namespace) -> list[str]:
+    """``--recompute-modules`` (Megatron-Core's default ``core_attn``), read only with
+    ``--recompute-granularity selective``."""
+    return list(args.recompute_modules if args.recompute_modules is not None else ["core_attn"])
 
 
 def layer_spec(
@@ -246,4 +258,11 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> list[GPT
         )
         if args.cpu and chunks[-1].post_process:  # the step's largest tensor, CPU ranks
             reuse_logits_buffer(chunks[-1].output_layer)
+    from megatron_ext.moe.layer import SMoELayer
+
+    for module in (m for chunk in chunks for m in chunk.modules()):
+        # Megatron's TransformerLayer takes only its own MoELayer for an MoE layer: "mlp"
+        # recompute is for dense MLPs, ours recomputes itself for "moe" (moe/layer.py).
+        if isinstance(getattr(module, "mlp", None), SMoELayer):
+            module.recompute_mlp = False
     return chunks

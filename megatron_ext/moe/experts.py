@@ -59,10 +59,14 @@ class _LoopExperts(torch.autograd.Function):
     gradients are added straight into the parameters' DDP ``main_grad`` (``addmm_``), and
     autograd gets untouched placeholders with ``grad_added_to_main_grad`` set, so DDP's hook
     does not add them again.
+
+    ``recompute_act`` (``moe_act`` in ``--recompute-modules``): only h is kept per expert;
+    silu(g) and a are recomputed from it in the backward (half of the per-expert
+    intermediates freed, ``[n_e, 2Fs]`` of ``[n_e, 4Fs]``; one SwiGLU forward more).
     """
 
     @staticmethod
-    def forward(ctx, x_MH, w13_LFH, w2_LHF, splits, fuse_wgrad=False):
+    def forward(ctx, x_MH, w13_LFH, w2_LHF, splits, fuse_wgrad=False, recompute_act=False):
         fs = w2_LHF.shape[-1]
         y_MH = x_MH.new_empty(x_MH.shape[0], w2_LHF.shape[1])
         saved, start = [], 0
@@ -74,9 +78,9 @@ class _LoopExperts(torch.autograd.Function):
                 s = F.silu(h[:, :fs])
                 a = s * h[:, fs:]
                 torch.mm(a, w2_LHF[e].t(), out=y_MH[rows])
-                saved += [h, s, a]
+                saved += [h] if recompute_act else [h, s, a]
         ctx.save_for_backward(x_MH, w13_LFH, w2_LHF, *saved)
-        ctx.splits = splits
+        ctx.splits, ctx.recompute_act = splits, recompute_act
         ctx.params = (w13_LFH, w2_LHF) if fuse_wgrad else None  # their main_grad attributes
         return y_MH
 
@@ -100,7 +104,12 @@ class _LoopExperts(torch.autograd.Function):
                     dw13[e].zero_()
                     dw2[e].zero_()
                 continue
-            h, s, a = next(saved), next(saved), next(saved)
+            h = next(saved)
+            if ctx.recompute_act:
+                s = F.silu(h[:, :fs])
+                a = s * h[:, fs:]
+            else:
+                s, a = next(saved), next(saved)
             wgrad(dw2[e], dy_MH[rows].t(), a)
             da = torch.mm(dy_MH[rows], w2_LHF[e])
             dh = torch.empty_like(h)
@@ -113,7 +122,7 @@ class _LoopExperts(torch.autograd.Function):
             for p in ctx.params:
                 p.grad_added_to_main_grad = True
             dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
-        return dx_MH, dw13, dw2, None, None
+        return dx_MH, dw13, dw2, None, None, None
 
 
 def _overwrite(out, a, b):
@@ -152,18 +161,24 @@ def _grouped_mm(x_MK, w_LNK, splits_L: torch.Tensor) -> torch.Tensor:
 
 
 def expert_mlp(
-    x_MH, w13_LFH, w2_LHF, splits: tuple[int, ...], splits_L: torch.Tensor, fuse_wgrad=False
-):
+    x_MH, w13_LFH, w2_LHF, splits: tuple[int, ...], splits_L: torch.Tensor, fuse_wgrad=False,
+    recompute_act=False,
+):  # fmt: skip
     """``y_MH``: SwiGLU expert e on its ``splits[e]`` consecutive rows of ``x_MH``.
 
     CUDA bf16 on sm90: two ``torch._grouped_mm`` around one SwiGLU over all rows;
     elsewhere (CPU, other GPUs, fp16, fp32, F or H not multiples of 8): :class:`_LoopExperts`
-    (weight gradients into ``main_grad`` with ``fuse_wgrad``).
+    (weight gradients into ``main_grad`` with ``fuse_wgrad``; ``recompute_act``: the SwiGLU
+    recomputed in the backward from its input).
     """
     if _use_torch_grouped_mm(x_MH, w13_LFH, w2_LHF):
         h_MF2 = _grouped_mm(x_MH, w13_LFH, splits_L)
-        return _grouped_mm(swiglu(h_MF2), w2_LHF, splits_L)
-    return _LoopExperts.apply(x_MH, w13_LFH, w2_LHF, tuple(splits), fuse_wgrad)
+        if recompute_act:
+            a_MF = tensor_parallel.checkpoint(swiglu, False, h_MF2)
+        else:
+            a_MF = swiglu(h_MF2)
+        return _grouped_mm(a_MF, w2_LHF, splits_L)
+    return _LoopExperts.apply(x_MH, w13_LFH, w2_LHF, tuple(splits), fuse_wgrad, recompute_act)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -221,6 +236,9 @@ class GroupedExperts(torch.nn.Module):
             param.allreduce = False  # expert params: grads reduced over expert-DP only
             set_tensor_model_parallel_attributes(param, True, tp_dim, 1)
         self.fuse_wgrad = config.gradient_accumulation_fusion
+        self.recompute_act = config.recompute_granularity == "selective" and "moe_act" in (
+            config.recompute_modules or ()
+        )
         self.te = None  # FP8: Transformer Engine's grouped GEMMs on the same weights
         if getattr(config, "fp8", None):
             self.te = TEExperts(
@@ -269,7 +287,8 @@ class GroupedExperts(torch.nn.Module):
         if self.te is not None:
             return self.te(x_MH, self.w13, self.w2, splits, swiglu, _LoopExperts.apply)
         fuse = self.fuse_wgrad and hasattr(self.w13, "main_grad")  # under Megatron's DDP
-        return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L, fuse)
+        recompute = self.recompute_act and torch.is_grad_enabled()
+        return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L, fuse, recompute)
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -118,7 +119,9 @@ def _shared_experts(config, groups: MoEGroups):
     line, so the module is built without it (its TP communication stays inside)."""
     if not config.moe_shared_expert_intermediate_size:
         return None
-    cfg = dataclasses.replace(config, moe_shared_expert_overlap=False)
+    # (moe_act is ours: Megatron's config check would refuse it without its grouped GEMM)
+    modules = [m for m in config.recompute_modules or () if m != "moe_act"]
+    cfg = dataclasses.replace(config, moe_shared_expert_overlap=False, recompute_modules=modules)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     return SharedExpertMLP(
         cfg,
@@ -191,10 +194,26 @@ class SMoELayer(MegatronModule):
                 buf.data = buf.data.float()
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
-        """``hidden_states [S, B, H]`` -> ``(output [S, B, H], None)``."""
+        """``hidden_states [S, B, H]`` -> ``(output [S, B, H], None)``.
+
+        With ``moe`` in ``--recompute-modules`` (``--moe-layer-recompute``) only the input is
+        kept and the whole layer runs again in the backward (Megatron's checkpoint: RNG states
+        restored). The first run is under no-grad, so routing statistics and the router losses
+        come from the recomputation only: counted once, as without recomputation."""
         if padding_mask is not None:
             raise NotImplementedError("SMoELayer does not support padding masks")
         self._keep_fp32_buffers()
+        cfg = self.config
+        if (
+            cfg.recompute_granularity == "selective"
+            and "moe" in cfg.recompute_modules
+            and self.training
+            and torch.is_grad_enabled()
+        ):
+            return tensor_parallel.checkpoint(self._forward, False, hidden_states), None
+        return self._forward(hidden_states), None
+
+    def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg, tp_group = self.config, self.groups.tp
         tp = group_size(tp_group)
         x = gather_tokens(hidden_states, tp_group, cfg.sequence_parallel)
@@ -217,8 +236,16 @@ class SMoELayer(MegatronModule):
         y_TH = combine(y_MH, probs_TK, meta)
         out = scatter_output(y_TH.view(x.shape), tp_group, cfg.sequence_parallel)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states)
-        return self._apply_losses(out, routing, meta, tp, x.shape[1]), None
+            out = out + self._shared_expert_output(hidden_states)
+        return self._apply_losses(out, routing, meta, tp, x.shape[1])
+
+    def _shared_expert_output(self, hidden_states):
+        """The shared experts' output; recomputed in the backward with ``shared_experts`` in
+        ``--recompute-modules`` (as Megatron-Core's MoELayer)."""
+        cfg = self.config
+        if cfg.recompute_granularity == "selective" and "shared_experts" in cfg.recompute_modules:
+            return tensor_parallel.checkpoint(self.shared_experts, False, hidden_states)
+        return self.shared_experts(hidden_states)
 
     def _run_experts(self, x_MH, meta, capacity: int):
         """The local experts on their rows; with ``capacity`` (padding to capacity) every

@@ -32,6 +32,24 @@ by the router and dispatch terms for DeepSeek-MoE's one dense layer.
     dropout    1 byte per element masked when --attention-dropout / --hidden-dropout > 0
                (hidden: 2*T_sp*h per layer; attention: b*a*s^2 on the unfused path)
 
+Selective recomputation (``--recompute-granularity selective``, ``--recompute-modules``, Megatron-
+Core's default ``core_attn``; ``--moe-layer-recompute`` = ``moe``), what each module stops
+keeping (its input stays, already counted as the previous part's output):
+
+    moe             router, dispatch indices, expert activations, combine, shared experts
+    moe_act         the SwiGLU's saved intermediates: expert activations M*(h + 2F/t)*p
+    shared_experts  the shared experts' term
+    core_attn       flash: the softmax statistics b*a*s*4 (q, k, v stay as the checkpoint's
+                    inputs, the output as linear_proj's); unfused: the softmax and its
+                    dropout mask
+    layernorm, mlp  not modelled (layernorm frees the norm outputs on Transformer Engine only;
+                    mlp concerns the dense layers, counted as MoE layers above)
+
+What moe, shared_experts and core_attn stop keeping is rebuilt by their recomputation during the
+backward: one layer's worth, after the output layer's backward has released the head's
+activations (last stage), while every other layer's are still held; the peak is the larger of
+the two moments. moe_act's recomputation stays inside the experts' backward, expert by expert.
+
 Plus, once per micro-batch: first stage token ids T*8 (+ a T-byte mask with TP > 1); last stage
 final norm, the output layer's input T_sp*h*p and the fp32 softmax of the cross-entropy
 T*Vp/t*4 (+ labels and mask T*9).
@@ -109,7 +127,52 @@ def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, f
     shared = args.moe_shared_expert_intermediate_size
     if shared:  # Megatron's MLP: fc1 input (gathered), fc1 output, SwiGLU output
         terms["shared experts"] = tokens * (h + 3 * shared // t) * p
+    _selective_recompute(terms, args, rows * (h + 2 * f // t) * p, b * heads * s * 4)
     return terms
+
+
+def rebuilt_bytes(args: argparse.Namespace, imbalance: float = 1.0) -> float:
+    """One layer's activations that selective recomputation rebuilds in the backward (what
+    moe, shared_experts and core_attn dropped from :func:`layer_terms`)."""
+    mods = selective_modules(args)
+    if not mods & {"moe", "shared_experts", "core_attn"}:
+        return 0.0
+    plain = argparse.Namespace(**{**vars(args), "recompute_granularity": None})
+    only_act = argparse.Namespace(
+        **{**vars(args), "recompute_modules": ["moe_act"] if "moe_act" in mods else []}
+    )
+    return (
+        layer_bytes(plain, imbalance)
+        - layer_bytes(args, imbalance)
+        - (layer_bytes(plain, imbalance) - layer_bytes(only_act, imbalance))
+    )
+
+
+def selective_modules(args: argparse.Namespace) -> set[str]:
+    """The recomputed modules of ``--recompute-granularity selective`` (else none)."""
+    if getattr(args, "recompute_granularity", None) != "selective":
+        return set()
+    modules = getattr(args, "recompute_modules", None)
+    return set(modules if modules is not None else ["core_attn"])
+
+
+def _selective_recompute(terms, args, experts_act_only, attn_stats) -> None:
+    """Drop from ``terms`` what the selectively recomputed modules stop keeping (docstring)."""
+    mods = selective_modules(args)
+    if "moe" in mods:
+        for part in ("router", "dispatch indices", "expert activations", "combine",
+                     "shared experts"):  # fmt: skip
+            terms.pop(part, None)
+    if "moe_act" in mods and "expert activations" in terms:
+        terms["expert activations"] = experts_act_only
+    if "shared_experts" in mods:
+        terms.pop("shared experts", None)
+    if "core_attn" in mods:
+        if "core attention (flash)" in terms:  # its output stays: linear_proj's input
+            terms["core attention (flash)"] -= attn_stats
+        elif "core attention (unfused)" in terms:
+            terms["core attention (unfused)"] = terms["linear_proj input"] * 3
+            terms.pop("attention dropout mask", None)
 
 
 def layer_bytes(args: argparse.Namespace, imbalance: float = 1.0) -> float:
@@ -192,7 +255,11 @@ def stage_activations(
     if args.transformer_impl != "transformer_engine" and not _sdpa(args):
         stored += args.seq_length**2  # the unfused path's causal mask (bool), cached once
     transient = per_layer * (2 if recompute else 1)
+    head = head_bytes(args) if pp_rank == pp - 1 else 0.0
     if pp_rank == pp - 1:
-        stored += head_bytes(args)  # the output chunk runs one micro-batch at a time
         transient = max(transient, tokens * padded_vocab(args) // t * 4)
+    # Selective recomputation rebuilds one layer in the backward, after the head's backward
+    # released the head's activations: the peak is at the end of the forward or then.
+    rebuilt = 0.0 if recompute else rebuilt_bytes(args, imbalance)
+    stored += max(head, rebuilt)  # the output chunk runs one micro-batch at a time
     return ActivationMemory(stored, transient, n, per_layer, terms)
