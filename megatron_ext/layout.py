@@ -47,8 +47,9 @@ NON_NEGATIVE = (
     "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate",
 )  # fmt: skip
 POSITIVE_IF_GIVEN += (
-    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
-    "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_expert_capacity_factor",
+    "expert_tensor_parallel_size", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+    "moe_expert_capacity_factor",
 )  # fmt: skip
 FRACTION = ("attention_dropout", "hidden_dropout", "adam_beta1", "adam_beta2")  # in [0, 1)
 
@@ -124,6 +125,14 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
         f"--pipeline-model-parallel-size {pp} (world size = TP x PP x DP)",
     )
+    etp = args.expert_tensor_parallel_size
+    _require(
+        etp is None or etp == tp,
+        f"--expert-tensor-parallel-size {etp} with --tensor-model-parallel-size {tp}: expert "
+        "tensor parallelism apart from attention's (MoE parallel folding) is not supported yet; "
+        f"pass --expert-tensor-parallel-size {tp} or leave it out (it defaults to TP)",
+    )
+    args.expert_tensor_parallel_size = tp
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
     _require(

@@ -139,3 +139,19 @@ def test_main_reports_layout_error_and_exits_2(capsys):
     rc = pretrain_mixtral.main((BASE + " --expert-model-parallel-size 16").split())
     assert rc == 2
     assert "--expert-model-parallel-size 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_expert_tensor_parallel_size_equal_to_tp_is_accepted(tp):
+    argv = ["--model", "tiny", "--cpu", "--mock-data", "--train-iters", "1",
+            "--tensor-model-parallel-size", str(tp),
+            "--expert-tensor-parallel-size", str(tp)]  # fmt: skip
+    assert parse_args(argv, world_size=2).expert_tensor_parallel_size == tp
+
+
+def test_expert_tensor_parallel_apart_from_tp_is_named_before_any_build():
+    argv = ["--model", "tiny", "--cpu", "--mock-data", "--train-iters", "1",
+            "--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]  # fmt: skip
+    with pytest.raises(LayoutError, match="--expert-tensor-parallel-size 1 with "
+                       "--tensor-model-parallel-size 2"):  # fmt: skip
+        parse_args(argv, world_size=2)

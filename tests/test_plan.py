@@ -312,3 +312,22 @@ def test_search_cli_prints_a_ranked_table():
     assert code == 0
     assert "TP1 PP4 VPP8 EP8 DP16 mb1" in text
     assert "must divide the data-parallel size" in text  # rejected layouts say why
+
+
+def test_selective_recomputation_is_picked_where_a_layout_would_not_fit_otherwise():
+    """8x7B at TP1 PP1 EP8 DP64 on 80 GB H100: no fit without recomputation; recomputing the
+    experts' SwiGLU (moe_act) or whole MoE layers (moe) makes it fit, each at its price."""
+    base = search.base_argv("8x7b", 4096, 256)
+    plain, act, moe = (
+        search.evaluate(search.Layout(tp=1, pp=1, ep=8, mb=1, recompute=rc), base, 64, H100)
+        for rc in (False, "moe_act", "moe")
+    )
+    assert plain.error is None and not plain.fits
+    assert act.fits and moe.fits
+    assert moe.memory.total < act.memory.total < plain.memory.total
+    assert plain.cost.step_s < act.cost.step_s < moe.cost.step_s
+    assert "--recompute-modules moe_act" in " ".join(act.argv)
+    ranked = search.search("8x7b", 64, H100, 4096, 256)
+    names = [c.name for c in ranked if c.error is None and c.fits]
+    assert "TP1 PP1 EP8 DP64 mb1 recompute moe_act" in names
+    assert "TP1 PP1 EP8 DP64 mb1" not in names

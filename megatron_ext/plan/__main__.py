@@ -57,7 +57,7 @@ def search_main(argv: list[str]) -> int:
         seq,
         a.global_batch_size,
         micro_batches=[int(x) for x in a.micro_batch_sizes.split(",")],
-        recompute=(False,) if a.no_recompute else (False, True),
+        recompute=(False,) if a.no_recompute else search.RECOMPUTE_CHOICES,
         imbalance=a.imbalance,
     )
     print(report.header(a.model, a.gpus, hw, seq, a.global_batch_size))

@@ -137,7 +137,7 @@ def rebuilt_bytes(args: argparse.Namespace, imbalance: float = 1.0) -> float:
     mods = selective_modules(args)
     if not mods & {"moe", "shared_experts", "core_attn"}:
         return 0.0
-    plain = argparse.Namespace(**{**vars(args), "recompute_granularity": None})
+    plain = without_selective(args)
     only_act = argparse.Namespace(
         **{**vars(args), "recompute_modules": ["moe_act"] if "moe_act" in mods else []}
     )
@@ -146,6 +146,13 @@ def rebuilt_bytes(args: argparse.Namespace, imbalance: float = 1.0) -> float:
         - layer_bytes(args, imbalance)
         - (layer_bytes(plain, imbalance) - layer_bytes(only_act, imbalance))
     )
+
+
+def without_selective(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` without selective recomputation (what the forward pass itself produces)."""
+    if selective_modules(args):
+        return argparse.Namespace(**{**vars(args), "recompute_granularity": None})
+    return args
 
 
 def selective_modules(args: argparse.Namespace) -> set[str]:

@@ -119,7 +119,8 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     if pp_rank == args.pipeline_model_parallel_size - 1:
         vocab = padded_vocab(args) / t
         compute_f += 2 * tokens * h * vocab / (peak * _shape(min(tokens, vocab, h)))
-    act = activations.layer_bytes(args)
+    # the activations the forward writes (and the backward reads), kept or not
+    act = activations.layer_bytes(activations.without_selective(args))
     memory_f = layers * act / (hw.hbm_gbps * 1e9)
 
     tp_f = 0.0
@@ -144,6 +145,19 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
         "TP comm": tp_f * (3 if recompute else 2),
         "EP all-to-all": ep_f * (3 if recompute else 2),
     }
+    # Selective recomputation re-runs, in the backward: "moe" the MoE part of each MoE layer
+    # (router, experts, shared experts, one dispatch and combine); "moe_act" the SwiGLU
+    # (memory-bound: read the GEMM-1 output, write silu and the product).
+    mods = activations.selective_modules(args) if not recompute else set()
+    extra = {}
+    if "moe" in mods:
+        extra = {"compute": n_moe * (moe_s - attention_s), "EP all-to-all": ep_f / 2}
+    elif "moe_act" in mods:
+        swiglu_bytes = tokens * k * imbalance * 4 * f / t * p
+        extra = {"memory-bound": n_moe * swiglu_bytes / (hw.hbm_gbps * 1e9)}
+    for part, seconds in extra.items():
+        parts[part] += seconds
+        bwd += seconds
     return fwd, bwd, parts
 
 

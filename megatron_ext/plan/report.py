@@ -22,15 +22,16 @@ def header(model: str, world: int, hw: Hardware, seq: int, gbs: int) -> str:
 
 
 def ranked_table(cands: list[Candidate], top: int) -> list[str]:
+    width = max([34] + [len(c.name) for c in cands[:top]])
     rows = [
-        f"{'#':>3}  {'layout':34} {'GiB/GPU':>8} {'static':>7} {'activ.':>7} "
+        f"{'#':>3}  {'layout':{width}} {'GiB/GPU':>8} {'static':>7} {'activ.':>7} "
         f"{'step s':>7} {'TFLOP/s':>8} {'MFU':>6} {'bubble':>7}"
     ]
     for i, c in enumerate(cands[:top], 1):
         m, k = c.memory, c.cost
         bubble = k.parts["pipeline bubble"] / k.step_s
         rows.append(
-            f"{i:>3}  {c.name:34} {gib(m.total):>8} {gib(m.static.total):>7} "
+            f"{i:>3}  {c.name:{width}} {gib(m.total):>8} {gib(m.static.total):>7} "
             f"{gib(m.activations.total):>7} {k.step_s:>7.2f} {k.tflops_per_gpu:>8.0f} "
             f"{k.mfu:>6.1%} {bubble:>7.1%}"
         )

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from megatron_ext.arguments import LayoutError, build_parser, parse_args
-from megatron_ext.plan import cost, memory
+from megatron_ext.plan import activations, cost, memory
 from megatron_ext.plan.hardware import Hardware
 
 GIB = memory.GIB
@@ -36,6 +36,18 @@ def recompute_requested(args: argparse.Namespace) -> bool:
     return getattr(args, "recompute_granularity", None) == "full"
 
 
+def recompute_label(args: argparse.Namespace) -> str:
+    """`` recompute`` (full), `` recompute moe,moe_act`` (selective), or nothing."""
+    if recompute_requested(args):
+        return " recompute"
+    modules = activations.selective_modules(args)
+    return f" recompute {','.join(sorted(modules))}" if modules else ""
+
+
+# The recomputation a layout is tried with: none, full, or selective modules (MoE first).
+RECOMPUTE_CHOICES = (False, True, "moe_act", "moe")
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int
@@ -43,7 +55,7 @@ class Layout:
     ep: int
     mb: int
     layers_per_virtual_stage: int | None = None  # --num-layers-per-virtual-pipeline-stage
-    recompute: bool = False
+    recompute: bool | str = False  # True: full; a module name: selective (RECOMPUTE_CHOICES)
 
     def flags(self, recompute_flag: bool = True) -> list[str]:
         out = [
@@ -56,8 +68,10 @@ class Layout:
             out += ["--num-layers-per-virtual-pipeline-stage", str(self.layers_per_virtual_stage)]
         if self.tp > 1:
             out.append("--sequence-parallel")
-        if self.recompute and recompute_flag:
+        if self.recompute is True and recompute_flag:
             out += RECOMPUTE_FLAGS
+        elif self.recompute:
+            out += ["--recompute-granularity", "selective", "--recompute-modules", self.recompute]
         return out
 
 
@@ -67,7 +81,9 @@ def describe(layout: Layout, world: int) -> str:
     dp = world // (layout.tp * layout.pp) if world % (layout.tp * layout.pp) == 0 else "?"
     text = f"TP{layout.tp} PP{layout.pp}" + (f" ({vl} layers/virtual stage)" if vl else "")
     text += f" EP{layout.ep} DP{dp} mb{layout.mb}"
-    return text + (" recompute" if layout.recompute else "")
+    if layout.recompute is True:
+        return text + " recompute"
+    return text + (f" recompute {layout.recompute}" if layout.recompute else "")
 
 
 def describe_args(args: argparse.Namespace) -> str:
@@ -77,7 +93,7 @@ def describe_args(args: argparse.Namespace) -> str:
     text += f" VPP{vpp}" if vpp else ""
     text += f" EP{args.expert_model_parallel_size} DP{args.data_parallel_size}"
     text += f" mb{args.micro_batch_size}"
-    return text + (" recompute" if recompute_requested(args) else "")
+    return text + recompute_label(args)
 
 
 @dataclass
@@ -147,15 +163,17 @@ def evaluate(
         cand.error = str(e)
         return cand
     cand.args = args
-    cand.name = describe_args(args) + (" recompute" if layout.recompute and not supported else "")
-    if layout.recompute and not supported:
+    full = layout.recompute is True
+    cand.name = describe_args(args) + (" recompute" if full and not supported else "")
+    if full and not supported:
         cand.error = (
             "full recomputation needs --recompute-granularity full, which pretrain_mixtral.py "
             "does not accept yet"
         )
         return cand
-    cand.memory = memory.peak_memory(args, recompute=layout.recompute, imbalance=imbalance)
-    cand.cost = cost.step_cost(args, hw, recompute=layout.recompute, imbalance=imbalance)
+    # selective recomputation is read from the parsed flags by the activation and cost models
+    cand.memory = memory.peak_memory(args, recompute=full, imbalance=imbalance)
+    cand.cost = cost.step_cost(args, hw, recompute=full, imbalance=imbalance)
     return cand
 
 
@@ -166,7 +184,7 @@ def search(
     seq_length: int,
     global_batch: int,
     micro_batches=(1, 2, 4),
-    recompute=(False, True),
+    recompute=RECOMPUTE_CHOICES,
     imbalance: float = 1.0,
     precision: str = "bf16",
 ) -> list[Candidate]:
