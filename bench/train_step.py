@@ -22,6 +22,9 @@ Shapes: ``issue`` = 4 layers, hidden 512, FFN 1024, 8 heads / 4 KV heads, 8 expe
 vocabulary 32000, 4 x 512 tokens per step; ``small`` = the ``small`` preset (4 layers, hidden
 256, FFN 512) at 8 x 256 tokens; ``tiny`` (2 layers, hidden 64) is the test suite's smoke run.
 
+With a GPU (``--device auto``, the default, or ``cuda``) both sides run bf16 on CUDA, ours with
+``--transformer-impl local`` (SDPA attention, like HF; no Transformer Engine on either side).
+
 Then (unless ``--no-breakdown``) one more run of ours under ``--profile --use-pytorch-profiler``
 (``megatron_ext/profiling.py``) prints where our step's time goes: forward attention, forward MoE,
 output layer + loss, backward, grad machinery, optimizer, logging.
@@ -64,10 +67,15 @@ TRAINING = (
 )
 
 
-def our_flags(shape: str) -> list[str]:
+def our_flags(shape: str, device: str = "cpu") -> list[str]:
+    """Our command line; on CUDA in bf16 with the local spec (SDPA attention: HF's kernels,
+    no Transformer Engine on either side)."""
     flags = f"{SHAPES[shape]} {TRAINING}".split()
     if shape != "tiny" and "--vocab-size" not in flags:
         flags += ["--vocab-size", "32000"]
+    if device == "cuda":
+        flags.remove("--cpu")
+        flags += ["--bf16", "--transformer-impl", "local"]
     return flags
 
 
@@ -83,7 +91,8 @@ def hf_loop(model_dir: str, flags: list[str], steps: int) -> list[float]:
     args = parse_args(flags + ["--train-iters", str(steps)], 1)
     train_ds = data.build_datasets(args, data.build_tokenizer(args))[0]
     torch.manual_seed(args.seed)
-    model = MixtralForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    device, dtype = ("cuda", torch.bfloat16) if args.bf16 else ("cpu", torch.float32)
+    model = MixtralForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device)
     model.config.router_aux_loss_coef = args.moe_aux_loss_coeff
     model.train()
     decay = [p for p in model.parameters() if p.dim() > 1]
@@ -96,7 +105,7 @@ def hf_loop(model_dir: str, flags: list[str], steps: int) -> list[float]:
     mb, losses = args.micro_batch_size, []
     for step in range(steps):
         samples = [train_ds[(step * mb + i) % len(train_ds)] for i in range(mb)]
-        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
         out = model(batch["tokens"], output_router_logits=True)
         logits = out.logits.float()
         ce = torch.nn.functional.cross_entropy(
@@ -154,8 +163,8 @@ def prepare(work: str, flags: list[str], env: dict) -> None:
             "--output", f"{work}/ref_hf"], env)  # fmt: skip
 
 
-def compare(shape: str, steps: int, short: int, reps: int) -> dict:
-    flags = our_flags(shape)
+def compare(shape: str, steps: int, short: int, reps: int, device: str = "cpu") -> dict:
+    flags = our_flags(shape, device)
     env = dict(os.environ)
     results = {"ours": [], "hf": []}
     first_losses = {}
@@ -188,9 +197,9 @@ def _seq(flags):
 BREAKDOWN_STEPS = (3, 6)  # profiled iterations (0-based, end excluded), after the warm-up
 
 
-def breakdown(shape: str) -> str:
+def breakdown(shape: str, device: str = "cpu") -> str:
     """Our step under torch.profiler: the per-phase table ``pretrain_mixtral.py`` prints."""
-    flags, env = our_flags(shape), dict(os.environ)
+    flags, env = our_flags(shape, device), dict(os.environ)
     start, end = BREAKDOWN_STEPS
     cmd = [sys.executable, "pretrain_mixtral.py", *flags, "--train-iters", str(end + 1),
            "--profile", "--use-pytorch-profiler", "--profile-step-start", str(start),
@@ -239,16 +248,28 @@ def main(argv=None):
     p.add_argument("--short", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-breakdown", action="store_true", help="skip the profiled run of ours")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="cuda: both sides in bf16 on the GPU (auto: cuda when one is there)",
+    )
     p.add_argument("--hf-loop", metavar="HF_DIR", help=argparse.SUPPRESS)
     p.add_argument("--flags", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.hf_loop:
         hf_loop(a.hf_loop, json.loads(a.flags), a.steps)
         return 0
-    out = compare(a.shape, a.steps, a.short, a.reps)
+    device = a.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = compare(a.shape, a.steps, a.short, a.reps, device)
+    print(f"device: {device} ({'bf16' if device == 'cuda' else 'fp32'})", flush=True)
     print(report(a.shape, out), flush=True)
     if not a.no_breakdown:
-        print("\n" + breakdown(a.shape), flush=True)
+        print("\n" + breakdown(a.shape, device), flush=True)
     return 0
 
 

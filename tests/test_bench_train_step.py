@@ -35,3 +35,15 @@ def test_the_bench_prints_our_per_phase_breakdown():
     for phase in ("forward: attention", "forward: MoE layers", "backward", "optimizer"):
         assert phase in table
     assert "whole step" in table.splitlines()[-1]
+
+
+def test_on_a_gpu_both_sides_run_bf16_with_the_local_spec():
+    import train_step
+
+    from megatron_ext.arguments import parse_args
+
+    flags = train_step.our_flags("issue", "cuda")
+    assert "--cpu" not in flags and "--bf16" in flags
+    args = parse_args(flags + ["--train-iters", "2"], 1)  # what the HF loop reads too
+    assert args.bf16 and args.transformer_impl == "local"
+    assert train_step.our_flags("issue") == train_step.our_flags("issue", "cpu")
