@@ -1,7 +1,8 @@
 """Command-line flags of ``pretrain_mixtral.py``: Megatron-LM's names, grouped, validated early.
 
 ``parse_args(argv, world_size)`` returns an ``argparse.Namespace`` after
-1. filling architecture flags from ``--model PRESET`` (explicit flags win, and are reported),
+1. filling what was not given (``flag_defaults.py``: ``--model PRESET``'s architecture, where
+   explicit flags win and are reported; Megatron-LM's aliases and defaults),
 2. checking the parallel layout *before anything is built*; every error names the flags and
    numbers involved (``LayoutError``),
 3. collecting, to be printed once by rank 0, what was changed (``args.notices``) and each
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_ext.flag_defaults import apply_defaults
 from megatron_ext.layout import (
     RECOMPUTE_MODULES,
     LayoutError,
@@ -319,88 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Architecture flags a preset fills: flag dest -> preset field (None: a fixed Mixtral value).
-_PRESET_FLAGS = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_query_groups",
-    "num_experts": "num_experts",
-    "moe_router_topk": "moe_router_topk",
-    "moe_ffn_hidden_size": "moe_ffn_hidden_size",
-    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
-    "moe_layer_freq": "moe_layer_freq",
-    "moe_router_pre_softmax": "moe_router_pre_softmax",
-    "moe_router_score_function": "moe_router_score_function",
-    "seq_length": "seq_length",
-    "max_position_embeddings": "max_position_embeddings",
-    "rotary_base": "rotary_base",
-    "norm_epsilon": "norm_epsilon",
-    "vocab_size": "vocab_size",
-}
-_MIXTRAL_FIXED = {
-    "group_query_attention": True,
-    "normalization": "RMSNorm",
-    "position_embedding_type": "rope",
-    "swiglu": True,
-    "disable_bias_linear": True,
-    "untie_embeddings_and_output_weights": True,
-}
-_MEGATRON_DEFAULTS = {
-    "group_query_attention": False,
-    "normalization": "LayerNorm",
-    "norm_epsilon": 1e-5,
-    "position_embedding_type": "learned_absolute",
-    "swiglu": False,
-    "disable_bias_linear": False,
-    "untie_embeddings_and_output_weights": False,
-    "rotary_base": 10000.0,
-    "moe_router_topk": 2,
-    "moe_layer_freq": 1,
-    "moe_router_pre_softmax": False,
-    "moe_router_score_function": "softmax",
-    "moe_shared_expert_gate": False,
-}
-
-
-def _apply_preset(args: argparse.Namespace) -> None:
-    if args.model:
-        arch = PRESETS[args.model]
-        values = {dest: getattr(arch, field) for dest, field in _PRESET_FLAGS.items()}
-        if isinstance(values["moe_layer_freq"], tuple):
-            values["moe_layer_freq"] = list(values["moe_layer_freq"])
-        values.update(_MIXTRAL_FIXED)
-        for dest, value in values.items():
-            given = getattr(args, dest)
-            if given is None:
-                setattr(args, dest, value)
-            elif given != value:
-                args.notices.append(
-                    f"--{dest.replace('_', '-')} {given} overrides --model {args.model}"
-                )
-    if args.recompute_activations and args.recompute_granularity is None:
-        args.recompute_granularity = "selective"
-    if args.moe_layer_recompute and args.recompute_granularity != "full":
-        args.recompute_granularity = "selective"  # as Megatron-Core's TransformerConfig does
-        args.recompute_modules = list(args.recompute_modules or ["core_attn"])
-        if "moe" not in args.recompute_modules:
-            args.recompute_modules.append("moe")
-    for dest, value in _MEGATRON_DEFAULTS.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.num_query_groups is None or not args.group_query_attention:
-        args.num_query_groups = args.num_attention_heads
-
-
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.notices = []  # said once by rank 0: overrides, switched-off flags
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    _apply_preset(args)
+    apply_defaults(args)
     validate(args, world_size)
     args.world_size = world_size
     args.unhonoured = unhonoured(args)

@@ -23,6 +23,12 @@ RECOMPUTE_MODULES = (
 )  # fmt: skip
 
 
+def recompute_modules(args: argparse.Namespace) -> list[str]:
+    """``--recompute-modules`` as given, else Megatron-Core's default ``["core_attn"]`` (read
+    only with ``--recompute-granularity selective``)."""
+    return list(args.recompute_modules if args.recompute_modules is not None else ["core_attn"])
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise LayoutError(message)

@@ -55,6 +55,8 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
 
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """Map parsed flags to Megatron-Core's ``TransformerConfig`` (flag -> field, one place)."""
+    from megatron_ext.layout import recompute_modules  # layout -> moe_checks -> model: a cycle
+
     dtype = params_dtype(args)
     window = (args.window_size - 1, 0) if args.window_size else None
     config = TransformerConfig(
@@ -137,12 +139,6 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     if "moe_act" in recompute_modules(args):
         config.recompute_modules.append("moe_act")
     return config
-
-
-def recompute_modules(args: argparse.Namespace) -> list[str]:
-    """``--recompute-modules`` (Megatron-Core's default ``core_attn``), read only with
-    ``--recompute-granularity selective``."""
-    return list(args.recompute_modules if args.recompute_modules is not None else ["core_attn"])
 
 
 def layer_spec(

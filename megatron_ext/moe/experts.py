@@ -129,6 +129,13 @@ def _overwrite(out, a, b):
     torch.mm(a, b, out=out)
 
 
+def recomputes(config, module: str) -> bool:
+    """Whether ``--recompute-granularity selective --recompute-modules`` names ``module``."""
+    return config.recompute_granularity == "selective" and module in (
+        config.recompute_modules or ()
+    )
+
+
 def grouped_mm_eligible(dtype, capability: tuple[int, int], hidden: int, ffn_shard: int) -> bool:
     """Whether ``torch._grouped_mm``'s CUTLASS kernel runs our expert GEMMs: bf16 on Hopper
     (sm90) only, and every operand's leading stride a multiple of 16 bytes (8 bf16 elements).
@@ -236,9 +243,7 @@ class GroupedExperts(torch.nn.Module):
             param.allreduce = False  # expert params: grads reduced over expert-DP only
             set_tensor_model_parallel_attributes(param, True, tp_dim, 1)
         self.fuse_wgrad = config.gradient_accumulation_fusion
-        self.recompute_act = config.recompute_granularity == "selective" and "moe_act" in (
-            config.recompute_modules or ()
-        )
+        self.recompute_act = recomputes(config, "moe_act")
         self.te = None  # FP8: Transformer Engine's grouped GEMMs on the same weights
         if getattr(config, "fp8", None):
             self.te = TEExperts(

@@ -66,7 +66,7 @@ from megatron_ext.moe.dispatcher import (
     group_size,
     scatter_output,
 )
-from megatron_ext.moe.experts import GroupedExperts
+from megatron_ext.moe.experts import GroupedExperts, recomputes
 from megatron_ext.moe.router import TopKRouter, attach_loss
 from megatron_ext.moe.routing import ROUTER_DTYPES, RouterOptions
 
@@ -203,13 +203,7 @@ class SMoELayer(MegatronModule):
         if padding_mask is not None:
             raise NotImplementedError("SMoELayer does not support padding masks")
         self._keep_fp32_buffers()
-        cfg = self.config
-        if (
-            cfg.recompute_granularity == "selective"
-            and "moe" in cfg.recompute_modules
-            and self.training
-            and torch.is_grad_enabled()
-        ):
+        if recomputes(self.config, "moe") and self.training and torch.is_grad_enabled():
             return tensor_parallel.checkpoint(self._forward, False, hidden_states), None
         return self._forward(hidden_states), None
 
@@ -242,8 +236,7 @@ class SMoELayer(MegatronModule):
     def _shared_expert_output(self, hidden_states):
         """The shared experts' output; recomputed in the backward with ``shared_experts`` in
         ``--recompute-modules`` (as Megatron-Core's MoELayer)."""
-        cfg = self.config
-        if cfg.recompute_granularity == "selective" and "shared_experts" in cfg.recompute_modules:
+        if recomputes(self.config, "shared_experts"):
             return tensor_parallel.checkpoint(self.shared_experts, False, hidden_states)
         return self.shared_experts(hidden_states)
 

@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from megatron_ext.layout import recompute_modules
 from megatron_ext.plan.params import padded_vocab
 
 
@@ -137,15 +138,11 @@ def rebuilt_bytes(args: argparse.Namespace, imbalance: float = 1.0) -> float:
     mods = selective_modules(args)
     if not mods & {"moe", "shared_experts", "core_attn"}:
         return 0.0
-    plain = without_selective(args)
+    # moe_act's saving is not rebuilt: compare with moe_act alone, not with no recomputation
     only_act = argparse.Namespace(
         **{**vars(args), "recompute_modules": ["moe_act"] if "moe_act" in mods else []}
     )
-    return (
-        layer_bytes(plain, imbalance)
-        - layer_bytes(args, imbalance)
-        - (layer_bytes(plain, imbalance) - layer_bytes(only_act, imbalance))
-    )
+    return layer_bytes(only_act, imbalance) - layer_bytes(args, imbalance)
 
 
 def without_selective(args: argparse.Namespace) -> argparse.Namespace:
@@ -159,8 +156,7 @@ def selective_modules(args: argparse.Namespace) -> set[str]:
     """The recomputed modules of ``--recompute-granularity selective`` (else none)."""
     if getattr(args, "recompute_granularity", None) != "selective":
         return set()
-    modules = getattr(args, "recompute_modules", None)
-    return set(modules if modules is not None else ["core_attn"])
+    return set(recompute_modules(args))
 
 
 def _selective_recompute(terms, args, experts_act_only, attn_stats) -> None:
