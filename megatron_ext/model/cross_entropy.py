@@ -75,9 +75,9 @@ class _BlockedVocabParallelCE(torch.autograd.Function):
         p_NV, g_N = softmax_SBV.view(-1, vp), grad_SB.reshape(-1)
         rows_N = torch.arange(p_NV.shape[0], device=p_NV.device)
         p_NV[rows_N, t_local_N] -= local_N.to(p_NV.dtype)
-        for i in range(0, p_NV.shape[0], _rows(vp)):
-            rows = slice(i, i + _rows(vp))
-            p_NV[rows].mul_(g_N[rows].unsqueeze(-1))
+        block = _rows(vp)
+        for i in range(0, p_NV.shape[0], block):
+            p_NV[i : i + block].mul_(g_N[i : i + block].unsqueeze(-1))
         return softmax_SBV, None, None
 
 
