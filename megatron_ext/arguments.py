@@ -226,7 +226,8 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="tensor parallelism of the experts (default: --tensor-model-parallel-size, as "
-        "Megatron-LM); only equal to it so far",
+        "Megatron-LM); apart from it the MoE layers fold EP x expert-TP x expert-DP over the "
+        "ranks of a pipeline stage (docs/moe.md)",
     )
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")

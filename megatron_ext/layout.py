@@ -1,7 +1,8 @@
 """Layout validation: every invalid combination of flags fails here, before a model is built.
 
 Each error names the flags and the numbers involved. Rules (as Megatron-LM, plus EP):
-world size = TP x PP x DP; EP divides DP; experts divisible by EP; layers divisible by PP and,
+world size = TP x PP x DP; EP x expert-TP divides TP x DP (Megatron-Core's expert grid:
+world size = expert-TP x EP x expert-DP x PP); experts divisible by EP; layers divisible by PP and,
 with virtual stages, layers per stage divisible by ``--num-layers-per-virtual-pipeline-stage``;
 heads and query groups divisible by TP; global batch divisible by micro batch x DP.
 """
@@ -131,21 +132,22 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
         f"--pipeline-model-parallel-size {pp} (world size = TP x PP x DP)",
     )
-    etp = args.expert_tensor_parallel_size
-    _require(
-        etp is None or etp == tp,
-        f"--expert-tensor-parallel-size {etp} with --tensor-model-parallel-size {tp}: expert "
-        "tensor parallelism apart from attention's (MoE parallel folding) is not supported yet; "
-        f"pass --expert-tensor-parallel-size {tp} or leave it out (it defaults to TP)",
-    )
-    args.expert_tensor_parallel_size = tp
+    given = args.expert_tensor_parallel_size
+    etp = given or tp  # Megatron-LM's default: expert-TP = TP
+    args.expert_tensor_parallel_size = etp
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
+    etp_text = f"--expert-tensor-parallel-size {etp}"
+    if not given:
+        etp_text = f"expert-TP {etp} (--expert-tensor-parallel-size, default TP)"
     _require(
-        dp % ep == 0,
-        f"--expert-model-parallel-size {ep} must divide the data-parallel size {dp} "
-        f"(= world size {world_size} / (TP {tp} x PP {pp}))",
+        (tp * dp) % (etp * ep) == 0,
+        f"--expert-model-parallel-size {ep} x {etp_text} = {ep * etp} must divide the "
+        f"{tp * dp} ranks of a pipeline stage (TP {tp} x DP {dp} = world size {world_size} / "
+        f"--pipeline-model-parallel-size {pp}), which the MoE layers regroup as EP x expert-TP "
+        "x expert-DP",
     )
+    args.expert_data_parallel_size = tp * dp // (etp * ep)
     _require(
         args.num_experts % ep == 0,
         f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}",

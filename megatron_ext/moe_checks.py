@@ -22,16 +22,19 @@ def check_moe(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise LayoutError(str(err)) from None
     _require(any(args.moe_layer_pattern), "--moe-layer-freq leaves no MoE layer")
-    widths = [("--ffn-hidden-size", args.ffn_hidden_size)]
-    widths.append(("--moe-ffn-hidden-size", args.moe_ffn_hidden_size or args.ffn_hidden_size))
-    if args.moe_shared_expert_intermediate_size:
+    etp = args.expert_tensor_parallel_size or tp
+    widths = [("--ffn-hidden-size", args.ffn_hidden_size, "--tensor-model-parallel-size", tp)]
+    expert_ffn = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    # expert-TP: its own flag when set apart from TP, else TP's (its default)
+    by = "--tensor-model-parallel-size" if etp == tp else "--expert-tensor-parallel-size"
+    widths.append(("--moe-ffn-hidden-size", expert_ffn, by, etp))
+    if args.moe_shared_expert_intermediate_size:  # a dense MLP over attention's TP
+        shared = args.moe_shared_expert_intermediate_size
         widths.append(
-            ("--moe-shared-expert-intermediate-size", args.moe_shared_expert_intermediate_size)
+            ("--moe-shared-expert-intermediate-size", shared, "--tensor-model-parallel-size", tp)
         )
-    for flag, width in widths:
-        _require(
-            width % tp == 0, f"{flag} {width} is not divisible by --tensor-model-parallel-size {tp}"
-        )
+    for flag, width, by, size in widths:
+        _require(width % size == 0, f"{flag} {width} is not divisible by {by} {size}")
     groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
     _require(
         bool(groups) == bool(group_topk),

@@ -1,5 +1,7 @@
 """Megatron-LM's Mixtral 8x7B flags parse into the 8x7B architecture; bad layouts fail early."""
 
+import re
+
 import pytest
 
 from megatron_ext.arguments import LayoutError, parse_args
@@ -82,7 +84,7 @@ BASE = "--model 8x7b --mock-data --train-iters 1 --micro-batch-size 1"
         (
             "--expert-model-parallel-size 4",
             6,
-            ["--expert-model-parallel-size 4", "data-parallel size 6"],
+            ["--expert-model-parallel-size 4", "the 6 ranks of a pipeline stage"],
         ),
         (
             "--expert-model-parallel-size 16",
@@ -141,17 +143,39 @@ def test_main_reports_layout_error_and_exits_2(capsys):
     assert "--expert-model-parallel-size 16" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_expert_tensor_parallel_size_equal_to_tp_is_accepted(tp):
+@pytest.mark.parametrize(
+    "world,tp,etp,ep,edp",
+    [(2, 1, None, 1, 2), (2, 2, 2, 1, 1), (2, 2, 1, 2, 1), (4, 2, 1, 4, 1), (8, 2, 1, 2, 4),
+     (4, 1, 2, 2, 1), (4, 4, 2, 2, 1), (8, 2, 4, 2, 1)],
+)  # fmt: skip
+def test_expert_grid_of_megatron_core_is_accepted(world, tp, etp, ep, edp):
+    """Megatron-Core's rule: EP x expert-TP divides TP x DP; expert-DP is the quotient."""
     argv = ["--model", "tiny", "--cpu", "--mock-data", "--train-iters", "1",
-            "--tensor-model-parallel-size", str(tp),
-            "--expert-tensor-parallel-size", str(tp)]  # fmt: skip
-    assert parse_args(argv, world_size=2).expert_tensor_parallel_size == tp
+            "--tensor-model-parallel-size", str(tp), "--expert-model-parallel-size", str(ep),
+            "--num-attention-heads", "4", "--num-query-groups", "4"]  # fmt: skip
+    if etp is not None:
+        argv += ["--expert-tensor-parallel-size", str(etp)]
+    args = parse_args(argv, world_size=world)
+    assert args.expert_tensor_parallel_size == (etp or tp)
+    assert args.expert_data_parallel_size == edp
 
 
-def test_expert_tensor_parallel_apart_from_tp_is_named_before_any_build():
+@pytest.mark.parametrize(
+    "world,tp,etp,ep,message",
+    [
+        (2, 2, 1, 4, "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 1 = 4 "
+                     "must divide the 2 ranks of a pipeline stage"),
+        (4, 2, 4, 2, "--expert-model-parallel-size 2 x --expert-tensor-parallel-size 4 = 8"),
+        (6, 2, 4, 1, "--expert-model-parallel-size 1 x --expert-tensor-parallel-size 4 = 4 "
+                     "must divide the 6 ranks"),
+        (6, 1, 3, 1, "--moe-ffn-hidden-size 128 is not divisible by "
+                     "--expert-tensor-parallel-size 3"),
+    ],
+)  # fmt: skip
+def test_invalid_expert_grid_is_named_before_any_build(world, tp, etp, ep, message):
     argv = ["--model", "tiny", "--cpu", "--mock-data", "--train-iters", "1",
-            "--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]  # fmt: skip
-    with pytest.raises(LayoutError, match="--expert-tensor-parallel-size 1 with "
-                       "--tensor-model-parallel-size 2"):  # fmt: skip
-        parse_args(argv, world_size=2)
+            "--tensor-model-parallel-size", str(tp), "--expert-model-parallel-size", str(ep),
+            "--expert-tensor-parallel-size", str(etp), "--global-batch-size", "24",
+            "--num-attention-heads", "4", "--num-query-groups", "4"]  # fmt: skip
+    with pytest.raises(LayoutError, match=re.escape(message)):
+        parse_args(argv, world_size=world)

@@ -238,6 +238,25 @@ def test_reshard_tp2_pp2_ep2_to_one_rank_and_ep4(tmp_path):
     assert ep4 == pytest.approx(reference[N:], rel=1e-5)
 
 
+def test_reshard_folded_tp2_etp1_ep4_to_tp1_ep2_and_one_rank(tmp_path):
+    """Saved with MoE parallel folding (TP2 x expert-TP1 x EP4, the EP groups across the TP
+    groups), continued at TP1 x EP2 x DP2 and at one rank: the same losses."""
+    save = str(tmp_path / "ckpt")
+    folded = "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+    reference = run(
+        4,
+        COMMON,
+        folded,
+        "--expert-model-parallel-size 4 --sequence-parallel --use-distributed-optimizer",
+        f"--train-iters {2 * N} --save {save} --save-interval {N}",
+    )
+    resume = f"--train-iters {2 * N} --load {checkpointing.iteration_dir(save, N)}"
+    ep2 = run(2, COMMON, resume, "--expert-model-parallel-size 2 --use-distributed-optimizer")
+    assert ep2 == pytest.approx(reference[N:], rel=1e-5)
+    one = run(1, COMMON, resume, "--use-distributed-optimizer")
+    assert one == pytest.approx(reference[N:], rel=1e-5)
+
+
 # ------------------------------------------------------------------- flags, one rank each
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):

@@ -50,7 +50,7 @@ def _batch(dp, kind, seed):
     return xs, torch.randn(dp, S, B, H, generator=g)
 
 
-def _body(tp, ep, sp, e, scenarios):
+def _body(tp, etp, ep, sp, e, scenarios):
     """One rank: for each scenario build the layer, run fwd+bwd on this DP rank's micro-batch,
     reduce grads as (expert-)DP would, and return everything the parent checks."""
     import torch.distributed as dist
@@ -60,18 +60,30 @@ def _body(tp, ep, sp, e, scenarios):
 
     from megatron_ext.moe import SMoELayer, collect_moe_stats
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )  # fmt: skip
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-    ep_group = ps.get_expert_model_parallel_group()
-    ep_dp_ranks = [None] * ep_group.size()
-    dist.all_gather_object(ep_dp_ranks, dp_rank, group=ep_group)
+    # The token blocks whose counts the layer logs: the EP group's micro-batches, or (folded)
+    # the TP blocks of the expert-TP x EP group's ranks.
+    n = S * B
+    block = (dp_rank, 0, n) if etp == tp else (dp_rank, tp_rank * n // tp, (tp_rank + 1) * n // tp)
+    count_group = (
+        ps.get_expert_model_parallel_group()
+        if etp == tp
+        else ps.get_expert_tensor_and_model_parallel_group()
+    )
+    count_blocks = [None] * count_group.size()
+    dist.all_gather_object(count_blocks, block, group=count_group)
     results = []
     for _kind, k, pre, aux, z, weights, xs, dys in scenarios:
         tensor_parallel.model_parallel_cuda_manual_seed(SEED)
         cfg = moe_config(
             num_moe_experts=e, moe_router_topk=k, moe_router_pre_softmax=pre,
             ffn_hidden_size=FFN, tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-            sequence_parallel=sp, moe_aux_loss_coeff=aux, moe_z_loss_coeff=z or None,
+            expert_tensor_parallel_size=etp, sequence_parallel=sp, num_attention_heads=4,
+            moe_aux_loss_coeff=aux, moe_z_loss_coeff=z or None,
         )  # fmt: skip
         layer = SMoELayer(cfg, layer_number=1)
         init = [
@@ -101,7 +113,8 @@ def _body(tp, ep, sp, e, scenarios):
                 y=y.detach(), x_grad=x.grad, gate_grad=gate_grad, g13=g13, g2=g2,
                 init=init, stats=collect_moe_stats(layer)[1], shards=shards,
                 experts=(layer.experts.local_offset, layer.experts.num_local),
-                tp_rank=tp_rank, dp_rank=dp_rank, ep_dp_ranks=ep_dp_ranks,
+                tp_rank=tp_rank, dp_rank=dp_rank, count_blocks=count_blocks,
+                etp_rank=ps.get_expert_tensor_parallel_rank(),
             )
         )  # fmt: skip
     return results
@@ -109,7 +122,7 @@ def _body(tp, ep, sp, e, scenarios):
 
 def _reference(weights, xs, dys, k, pre, aux_c, z_c):
     rw = [w.double().requires_grad_(True) for w in weights]
-    out = dict(y=[], x_grad=[], counts=[], aux=[], z=[])
+    out = dict(y=[], x_grad=[], counts=[], ids=[], aux=[], z=[])
     for x, dy in zip(xs, dys, strict=True):
         xr = x.double().requires_grad_(True)
         y, logits, ids = reference_moe(xr.reshape(-1, H), *rw, k, pre_softmax=pre)
@@ -118,6 +131,7 @@ def _reference(weights, xs, dys, k, pre, aux_c, z_c):
         out["y"].append(y.detach().view_as(xr))
         out["x_grad"].append(xr.grad)
         out["counts"].append(torch.bincount(ids.flatten(), minlength=rw[0].shape[0]))
+        out["ids"].append(ids)
         out["aux"].append(aux.detach())
         out["z"].append(z.detach())
     out["grads"] = [w.grad for w in rw]
@@ -128,7 +142,7 @@ def _close(ours, ref):
     torch.testing.assert_close(ours, ref.to(ours.dtype), **TOL)
 
 
-def _check_rank(res, ref, tp, sp, k):
+def _check_rank(res, ref, tp, etp, sp, k):
     d, t = res["dp_rank"], res["tp_rank"]
     y_ref, xg_ref = ref["y"][d], ref["x_grad"][d]
     if sp:
@@ -138,18 +152,21 @@ def _check_rank(res, ref, tp, sp, k):
     gate_g, w1_g, w3_g, w2_g = ref["grads"]
     _close(res["gate_grad"], gate_g)
     lo, n = res["experts"]
-    fs = FFN // tp
-    ex, sh = slice(lo, lo + n), slice(t * fs, (t + 1) * fs)
+    fs, et = FFN // etp, res["etp_rank"]
+    ex, sh = slice(lo, lo + n), slice(et * fs, (et + 1) * fs)
     _close(res["g13"][:, :fs], w1_g[ex, sh])
     _close(res["g13"][:, fs:], w3_g[ex, sh])
     _close(res["g2"], w2_g[ex][:, :, sh])
-    # Logging: counts summed over the EP group, losses of this micro-batch.
-    counts = sum(ref["counts"][i] for i in res["ep_dp_ranks"])
+    # Logging: counts summed over the count group's token blocks, losses of this micro-batch.
+    e = gate_g.shape[0]
+    counts = sum(torch.bincount(ref["ids"][i][a:b].flatten(), minlength=e)
+                 for i, a, b in res["count_blocks"])  # fmt: skip
     assert torch.equal(res["stats"]["tokens_per_expert"], counts)
     _close(res["stats"]["aux_loss"], ref["aux"][d])
     _close(res["stats"]["z_loss"], ref["z"][d])
-    # Dropless: every (token, choice) pair of the EP group was routed somewhere.
-    assert int(res["stats"]["tokens_per_expert"].sum()) == len(res["ep_dp_ranks"]) * S * B * k
+    # Dropless: every (token, choice) pair of those blocks was routed somewhere.
+    rows = sum(b - a for _, a, b in res["count_blocks"])
+    assert int(res["stats"]["tokens_per_expert"].sum()) == rows * k
 
 
 def _check_shards(all_results, weights, tp, e):
@@ -177,7 +194,7 @@ def _check_shards(all_results, weights, tp, e):
     torch.testing.assert_close(fc2, w2, rtol=0, atol=0)
 
 
-def _run_layout(world, tp, ep, sp, e, scenarios):
+def _run_layout(world, tp, etp, ep, sp, e, scenarios):
     dp = world // tp
     prepared, refs = [], []
     for i, (kind, k, pre, aux, z) in enumerate(scenarios):
@@ -185,7 +202,7 @@ def _run_layout(world, tp, ep, sp, e, scenarios):
         xs, dys = _batch(dp, kind, seed=20 + i)
         prepared.append((kind, k, pre, aux, z, weights, xs, dys))
         refs.append(_reference(weights, xs, dys, k, pre, aux, z))
-    per_rank = run_on_ranks(_body, world, args=(tp, ep, sp, e, prepared), timeout=240)
+    per_rank = run_on_ranks(_body, world, args=(tp, etp, ep, sp, e, prepared), timeout=240)
     # Layout-invariant CPU initialisation: the shards are slices of the 1-process init.
     from megatron_ext.moe import SMoELayer
 
@@ -195,14 +212,14 @@ def _run_layout(world, tp, ep, sp, e, scenarios):
         weights = scenario[5]
         results = [r[i] for r in per_rank]
         for res in results:
-            _check_rank(res, ref, tp, sp, scenario[1])
+            _check_rank(res, ref, tp, etp, sp, scenario[1])
         _check_shards(results, weights, tp, e)
         if scenario[0] in ("same", "one"):  # the extreme actually happened
             assert set(torch.nonzero(ref["counts"][0]).flatten().tolist()) <= {0, 1}
     for res in (r[0] for r in per_rank):
         gate0, w13, w2 = res["init"]
         lo, n = res["experts"]
-        fs, t = FFN // tp, res["tp_rank"]
+        fs, t = FFN // etp, res["etp_rank"]
         torch.testing.assert_close(gate0, one.router.weight, rtol=0, atol=0)
         full13 = one.experts.w13[lo : lo + n]
         torch.testing.assert_close(w13[:, :fs], full13[:, t * fs : (t + 1) * fs], rtol=0, atol=0)
@@ -226,7 +243,30 @@ def _run_layout(world, tp, ep, sp, e, scenarios):
     ids=["ep1-dp2", "ep2", "ep4", "tp2-ep2", "tp2-ep2-sp"],
 )
 def test_parallel_layouts_equal_reference(world, tp, ep, sp, e, scenarios):
-    _run_layout(world, tp, ep, sp, e, scenarios)
+    _run_layout(world, tp, tp, ep, sp, e, scenarios)
+
+
+# MoE parallel folding: expert-TP apart from TP (EP groups cross TP groups, or expert-TP
+# groups cross DP groups), every combination kind Megatron-Core's groups allow.
+@pytest.mark.parametrize(
+    "world,tp,etp,ep,sp,e,scenarios",
+    [
+        (2, 2, 1, 2, False, 4, [RANDOM, SAME]),
+        (2, 2, 1, 2, True, 4, [RANDOM, ONE]),
+        (4, 2, 1, 4, True, 8, [RANDOM, SAME, ONE]),
+        (4, 2, 1, 2, False, 4, [RANDOM]),
+        (2, 1, 2, 1, False, 4, [RANDOM, SAME]),
+        (4, 1, 2, 2, False, 4, [RANDOM, ONE]),
+        (4, 4, 2, 2, True, 4, [RANDOM, SAME]),
+        (4, 2, 4, 1, True, 4, [RANDOM]),
+    ],
+    ids=[
+        "tp2-etp1-ep2", "tp2-etp1-ep2-sp", "tp2-etp1-ep4-sp", "tp2-etp1-ep2-dp2",
+        "tp1-etp2", "tp1-etp2-ep2", "tp4-etp2-ep2-sp", "tp2-etp4-sp",
+    ],
+)  # fmt: skip
+def test_folded_layouts_equal_reference(world, tp, etp, ep, sp, e, scenarios):
+    _run_layout(world, tp, etp, ep, sp, e, scenarios)
 
 
 def _spec_layer(tp, ep, seed):

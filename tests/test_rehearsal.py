@@ -24,13 +24,14 @@ def _degrees(args):
         args.pipeline_model_parallel_size,
         args.virtual_pipeline_model_parallel_size,
         args.expert_model_parallel_size,
+        args.expert_tensor_parallel_size,
         args.data_parallel_size,
     )
 
 
 @pytest.mark.parametrize(
     "path, world, degrees, micro_batches",
-    [(R8X7B, 32, (1, 4, 8, 8, 8), 16), (R8X22B, 128, (2, 8, 7, 8, 8), 32)],
+    [(R8X7B, 32, (1, 4, 8, 8, 1, 8), 16), (R8X22B, 64, (2, 8, 7, 8, 1, 4), 32)],
 )
 def test_shrink_keeps_the_parallel_degrees(path, world, degrees, micro_batches):
     recipe = load(path)
@@ -47,8 +48,9 @@ def test_shrink_keeps_the_parallel_degrees(path, world, degrees, micro_batches):
 
 def test_shrink_says_what_it_changed():
     changes = "\n".join(shrink(load(R8X22B)).changes)
-    assert "DP 8 -> 8" in changes
-    assert "dropped --sequence-parallel" in changes and "dropped --save" in changes
+    assert "CPU layout TP2 PP8 VPP7 EP8 ETP1 DP4 on 64 ranks" in changes
+    assert "DP 8 -> 4 (the smallest EP 8 ETP1 allows)" in changes
+    assert "dropped --save" in changes and "--sequence-parallel" not in changes
     changes = "\n".join(shrink(load(R8X7B)).changes)
     assert "DP 16 -> 8 (the smallest EP 8 allows); global batch 256 -> 128" in changes
 
@@ -82,7 +84,7 @@ def test_bad_layout_is_caught_before_anything_runs(tmp_path):
     bad = _variant(tmp_path, "--expert-model-parallel-size 8", "--expert-model-parallel-size 3")
     code, _, err = _rehearse(bad)
     assert code == 2
-    assert "layout error at 64 GPUs: --expert-model-parallel-size 3 must divide" in err
+    assert "layout error at 64 GPUs: --expert-model-parallel-size 3 x expert-TP 1" in err
 
 
 def test_unknown_flag_is_caught(tmp_path):

@@ -65,6 +65,28 @@ LAYOUTS = {
         "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2"
         " --use-distributed-optimizer",
     ),
+    # MoE parallel folding: the EP groups cross the TP groups
+    "TP2xETP1xEP2": (
+        2,
+        "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+        " --expert-model-parallel-size 2",
+    ),
+    "TP2xETP1xEP2-SP": (
+        2,
+        "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+        " --expert-model-parallel-size 2 --sequence-parallel",
+    ),
+    "TP2xETP1xEP4": (
+        4,
+        "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+        " --expert-model-parallel-size 4 --sequence-parallel --use-distributed-optimizer",
+    ),
+    "PP2xTP2xETP1xEP2": (
+        4,
+        "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2"
+        " --expert-tensor-parallel-size 1 --expert-model-parallel-size 2 --sequence-parallel",
+    ),
+    "TP1xETP2xDP2": (2, "--expert-tensor-parallel-size 2 --use-distributed-optimizer"),
 }
 
 
@@ -81,11 +103,19 @@ def test_layout_matches_one_rank(name, reference_weights, one_rank):
 
 
 @pytest.mark.slow
-def test_tp2_pp2_dp2_ep2_on_8_ranks_matches_one_rank(reference_weights, one_rank):
-    layout = (
+@pytest.mark.parametrize(
+    "layout",
+    [
         "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2"
-        " --expert-model-parallel-size 2 --use-distributed-optimizer --sequence-parallel"
-    )
+        " --expert-tensor-parallel-size 2 --expert-model-parallel-size 2"
+        " --use-distributed-optimizer --sequence-parallel",
+        # folded, expert-DP 2: the expert grads and optimizer shards over the expert-DP group
+        "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+        " --expert-model-parallel-size 4 --use-distributed-optimizer --sequence-parallel",
+    ],
+    ids=["TP2xPP2xDP2xETP2xEP2", "TP2xDP4xETP1xEP4xEDP2"],
+)
+def test_8_ranks_match_one_rank(layout, reference_weights, one_rank):
     losses = _train(reference_weights, 8, layout)
     assert losses == pytest.approx(one_rank, rel=RTOL)
 
@@ -169,3 +199,19 @@ def test_grad_clipping_scales_in_place_like_megatrons_fallback():
         assert clip_grads.multi_tensor_scale_impl is fallback_kernels.multi_tensor_scale
     finally:
         clip_grads.multi_tensor_scale_impl = before
+
+
+def test_capacity_and_padding_with_folding_match_one_rank(reference_weights, one_rank):
+    """With a capacity (drops decided on the TP group's tokens) and padding to it, the folded
+    dispatch (each TP rank sends its block; experts padded per source rank) drops and pads
+    the same pairs as one rank."""
+    cap = "--moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity"
+    one = _train(reference_weights, 1, cap)
+    assert one != pytest.approx(one_rank, rel=RTOL)  # pairs were dropped
+    folded = _train(
+        reference_weights,
+        2,
+        f"{cap} --tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+        " --expert-model-parallel-size 2 --sequence-parallel",
+    )
+    assert folded == pytest.approx(one, rel=RTOL)

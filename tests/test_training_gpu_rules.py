@@ -58,6 +58,13 @@ LAYOUTS = {
         "--expert-model-parallel-size 2 --moe-layer-recompute --recompute-modules core_attn"
         " moe_act",
     ),
+    # folded: the expert-TP gather/reduce-scatter and the count exchange over expert-TP x EP
+    "TP2xETP1xEP4 +SP overlap": (
+        4,
+        "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+        f" --expert-model-parallel-size 4 --sequence-parallel {OVERLAP}",
+    ),
+    "TP1xETP2xEP2": (4, "--expert-tensor-parallel-size 2 --expert-model-parallel-size 2"),
     "PP2xDP2xEP2 overlap + eval": (
         4,
         f"--pipeline-model-parallel-size 2 --expert-model-parallel-size 2 {OVERLAP}"

@@ -24,6 +24,7 @@ from megatron_ext.checkpointing.state import (
     _rng_state,
     _set_rng_state,
     _unwrap,
+    saved_layout_of,
 )
 from megatron_ext.errors import UsageError
 
@@ -142,7 +143,7 @@ def plan_load(args: argparse.Namespace) -> LoadPlan | None:
     weights_only = "train_state" not in common  # converted checkpoints
     finetune = args.finetune or weights_only
     load_optim = not (args.no_load_optim or finetune)
-    saved_layout = tuple(common.get("layout", ()))
+    saved_layout = saved_layout_of(common)
     load_rng = not (args.no_load_rng or finetune) and saved_layout == _layout()
     if load_optim:
         check_optimizer_kind(common, args, path)

@@ -78,19 +78,28 @@ class Preemption:
 
 
 # ----------------------------------------------------------------------------- what is saved
-def _layout() -> tuple[int, int, int, int]:
+def _layout() -> tuple[int, int, int, int, int]:
+    """(PP, TP, DP, EP, expert-TP): the RNG states are per position in this grid."""
     ps = parallel_state
     return (
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
         ps.get_data_parallel_world_size(),
         ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
     )
 
 
+def saved_layout_of(common: dict) -> tuple:
+    """The layout a checkpoint was saved at; checkpoints from before expert-TP was recorded
+    had expert-TP = TP."""
+    layout = tuple(common.get("layout", ()))
+    return layout + (layout[1],) if len(layout) == 4 else layout
+
+
 def _layout_text(layout) -> str:
-    pp, tp, dp, ep = layout
-    return f"PP{pp} x TP{tp} x DP{dp} x EP{ep}"
+    pp, tp, dp, ep, etp = layout
+    return f"PP{pp} x TP{tp} x DP{dp} x EP{ep} x expert-TP{etp}"
 
 
 def _rng_state() -> ShardedObject:
@@ -103,7 +112,7 @@ def _rng_state() -> ShardedObject:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    pp, tp, dp, _ = _layout()
+    pp, tp, dp, _, _ = _layout()
     offset = (
         ps.get_pipeline_model_parallel_rank(),
         ps.get_tensor_model_parallel_rank(),

@@ -13,7 +13,7 @@ from megatron_ext.moe.balancing import (
     z_loss,
 )
 from megatron_ext.moe.capacity import drop_over_capacity, expert_capacity
-from megatron_ext.moe.dispatcher import DispatchMeta, MoEGroups, combine, dispatch
+from megatron_ext.moe.dispatcher import DispatchGroups, DispatchMeta, MoEGroups, combine, dispatch
 from megatron_ext.moe.experts import GroupedExperts, expert_mlp, swiglu
 from megatron_ext.moe.layer import SMoELayer, collect_moe_stats, set_aux_loss_scale, smoe_mlp_spec
 from megatron_ext.moe.router import AttachLoss, TopKRouter, attach_loss
@@ -27,6 +27,7 @@ from megatron_ext.moe.routing import (
 
 __all__ = [
     "AttachLoss",
+    "DispatchGroups",
     "DispatchMeta",
     "GroupedExperts",
     "MoEGroups",

@@ -24,9 +24,18 @@ Every permutation is a gather whose backward is the inverse gather; where rows f
 copies of a token, the K outputs of a token) an ``embedding_bag`` sums them: no scatter-add, no
 atomics, deterministic on GPUs.
 
-TP: :func:`gather_tokens` / :func:`scatter_output` bring the tokens of the TP group together
-before routing (all-gather along the sequence with sequence parallel; a copy whose backward
-all-reduces without it) and reduce the experts' partial (FFN-sharded) outputs afterwards.
+Expert-TP apart from TP (MoE parallel folding, ``expt_tp`` smaller or larger than ``tp``): the
+expert grid is EP x expert-TP x expert-DP over the ranks of a pipeline stage, and an EP
+group's ranks no longer hold the same tokens. Each rank then dispatches only its own block of
+tokens; the ``[E]`` counts are gathered over the expert-TP x EP group (``[P, A, P, L]``, A
+expert-TP ranks), the rows received over EP are all-gathered over expert-TP (every FFN shard
+of a local expert sees every row, :func:`~megatron_ext.moe.collectives.gather_uneven`), and
+the experts' partial outputs are reduce-scattered back before the reverse all-to-all. With
+expert-TP = TP the expert-TP ranks already hold the same tokens and neither step exists.
+
+TP around the layer (:func:`gather_tokens` / :func:`scatter_output`, in ``collectives.py``):
+the tokens of the TP group are brought together before routing and the experts' partial
+(FFN-sharded) outputs reduced afterwards.
 """
 
 from __future__ import annotations
@@ -38,23 +47,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
-
-def group_size(group) -> int:
-    return 1 if group is None else group.size()
-
-
-def group_rank(group) -> int:
-    return 0 if group is None else group.rank()
+from megatron_ext.moe.collectives import (
+    all_to_all,
+    gather_uneven,
+    group_rank,
+    group_size,
+    reduce_scatter_uneven,
+)
 
 
 @dataclass(frozen=True)
 class MoEGroups:
     """Process groups the SMoE layer talks over (``None`` = a group of one).
 
-    ``tp``: tensor parallel (token gather/scatter). ``ep``: expert-model parallel (all-to-all).
-    ``expt_tp``: expert tensor parallel (FFN shards; must equal ``tp``). ``expt_dp``:
-    expert-data parallel (expert grads are reduced over it by Megatron's DDP). ``dp``: data
-    parallel (``global_aux_loss`` sums its counts over it).
+    ``tp``: attention tensor parallel (token gather/scatter around the layer). ``ep``:
+    expert-model parallel (all-to-all). ``expt_tp``: expert tensor parallel (FFN shards; equal
+    to ``tp`` unless folded). ``expt_dp``: expert-data parallel (Megatron's DDP reduces expert
+    grads over it). ``dp``: data parallel (``global_aux_loss`` sums its counts over it).
+    ``tp_ep``: expert-TP x EP (the count exchange of a folded dispatch; rank = EP rank x
+    expert-TP size + expert-TP rank, Megatron's order).
     """
 
     tp: object = None
@@ -62,27 +73,67 @@ class MoEGroups:
     expt_tp: object = None
     expt_dp: object = None
     dp: object = None
+    tp_ep: object = None
+
+    @property
+    def folded(self) -> bool:
+        """Expert-TP apart from attention TP: EP groups cross TP groups."""
+        return group_size(self.expt_tp) != group_size(self.tp)
 
     @staticmethod
     def from_parallel_state(pg_collection=None) -> MoEGroups:
         if pg_collection is not None:
-            return MoEGroups(
+            groups = MoEGroups(
                 pg_collection.tp,
                 pg_collection.ep,
                 pg_collection.expt_tp,
                 pg_collection.expt_dp,
                 getattr(pg_collection, "dp", None),
+                getattr(pg_collection, "tp_ep", None),
             )
-        if not parallel_state.model_parallel_is_initialized():
+        elif not parallel_state.model_parallel_is_initialized():
             return MoEGroups()  # single process, no torch.distributed (unit tests, benchmarks)
-        ps = parallel_state
-        return MoEGroups(
-            ps.get_tensor_model_parallel_group(),
-            ps.get_expert_model_parallel_group(),
-            ps.get_expert_tensor_parallel_group(),
-            ps.get_expert_data_parallel_group(),
-            ps.get_data_parallel_group(),
-        )
+        else:
+            ps = parallel_state
+            groups = MoEGroups(
+                ps.get_tensor_model_parallel_group(),
+                ps.get_expert_model_parallel_group(),
+                ps.get_expert_tensor_parallel_group(),
+                ps.get_expert_data_parallel_group(),
+                ps.get_data_parallel_group(),
+                ps.get_expert_tensor_and_model_parallel_group(),
+            )
+        groups.check()
+        return groups
+
+    def check(self) -> None:
+        """A folded dispatch reads the gathered counts as ``[EP, expert-TP]`` blocks."""
+        if not self.folded:
+            return
+        ep, etp = group_size(self.ep), group_size(self.expt_tp)
+        expected = group_rank(self.ep) * etp + group_rank(self.expt_tp)
+        if group_size(self.tp_ep) != ep * etp or group_rank(self.tp_ep) != expected:
+            raise ValueError(
+                "folded MoE groups: the expert-TP x EP group must hold EP x expert-TP ranks "
+                "ordered expert-TP fastest (Megatron-Core's default order)"
+            )
+
+
+@dataclass(frozen=True)
+class DispatchGroups:
+    """The groups one :func:`dispatch` exchanges over: ``ep`` (all-to-all), ``etp`` (rows
+    gathered over expert-TP; None unless folded) and ``counts`` (the count all-gather: EP, or
+    expert-TP x EP when folded)."""
+
+    ep: object = None
+    etp: object = None
+    counts: object = None
+
+    @staticmethod
+    def of(groups: MoEGroups) -> DispatchGroups:
+        if groups.folded:
+            return DispatchGroups(groups.ep, groups.expt_tp, groups.tp_ep)
+        return DispatchGroups(groups.ep, None, groups.ep)
 
 
 class _Permute(torch.autograd.Function):
@@ -173,15 +224,21 @@ class DispatchMeta:
     sorted_token_N: torch.Tensor  # token of each sorted row (sorted_pair_N // K)
     pair_to_sorted_N: torch.Tensor  # inverse permutation
     tokens_per_expert_E: torch.Tensor  # int64 counts of this rank's tokens
-    global_tokens_per_expert_E: torch.Tensor  # int64 counts summed over the EP group
+    global_tokens_per_expert_E: torch.Tensor  # int64 counts summed over the count group
     tokens_per_local_expert: tuple[int, ...]  # host ints: rows of each local expert (M total)
     tokens_per_local_expert_L: torch.Tensor  # the same on device (int64)
     num_sent: int = -1  # pairs sent to experts (fewer than T*K when a capacity dropped some)
     send_splits: tuple[int, ...] = ()  # rows sent to each EP rank (empty when P == 1)
     recv_splits: tuple[int, ...] = ()  # rows received from each EP rank
+    etp_splits: tuple[int, ...] = ()  # rows received over EP by each expert-TP rank (folded)
     regroup_M: torch.Tensor | None = None  # (src, expert)-ordered row -> expert-ordered
     ungroup_M: torch.Tensor | None = None  # inverse of regroup_M
-    ep_group: object = None
+    groups: DispatchGroups = DispatchGroups()
+
+    @property
+    def num_sources(self) -> int:
+        """Ranks whose rows reach a local expert (each sends at most a capacity per expert)."""
+        return max(len(self.recv_splits), 1) * max(len(self.etp_splits), 1)
 
 
 def _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k: int, num_sent: int):
@@ -192,12 +249,15 @@ def _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k: int, num_sent: int):
 
 
 def dispatch(
-    x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, ep_group=None
+    x_TH: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    num_experts: int,
+    groups: DispatchGroups = DispatchGroups(),
 ) -> tuple[torch.Tensor, DispatchMeta]:
-    """Send every (token, choice) pair to the rank owning its expert.
+    """Send every (token, choice) pair to the rank(s) owning its expert.
 
-    Returns ``x_MH`` (rows for this rank's L local experts, grouped by local expert) and the
-    metadata for :func:`combine`.
+    Returns ``x_MH`` (rows for this rank's L local experts, grouped by local expert; folded:
+    the rows of the whole expert-TP group) and the metadata for :func:`combine`.
     """
     num_tokens, k = topk_ids_TK.shape
     ids_N = topk_ids_TK.reshape(-1)
@@ -205,17 +265,20 @@ def dispatch(
     pair_to_sorted_N = _inverse(sorted_pair_N)
     sorted_token_N = sorted_pair_N // k
     counts_E = expert_counts(sorted_ids_N, num_experts)  # the sentinel id E is not counted
+    order = dict(
+        topk=k,
+        sorted_pair_N=sorted_pair_N,
+        sorted_token_N=sorted_token_N,
+        pair_to_sorted_N=pair_to_sorted_N,
+        tokens_per_expert_E=counts_E,
+    )
 
-    p = group_size(ep_group)
-    if p == 1:
+    p, a = group_size(groups.ep), group_size(groups.etp)
+    if p == 1 and a == 1:
         host = tuple(counts_E.tolist())
         x_NH = _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k, sum(host))
         meta = DispatchMeta(
-            topk=k,
-            sorted_pair_N=sorted_pair_N,
-            sorted_token_N=sorted_token_N,
-            pair_to_sorted_N=pair_to_sorted_N,
-            tokens_per_expert_E=counts_E,
+            **order,
             global_tokens_per_expert_E=counts_E,
             tokens_per_local_expert=host,
             tokens_per_local_expert_L=counts_E,
@@ -223,44 +286,48 @@ def dispatch(
         )
         return x_NH, meta
 
-    me, n_local = group_rank(ep_group), num_experts // p
-    counts_PE = counts_E.new_empty(p * num_experts)  # flat: gloo wants [P*E], not [P, E]
-    dist.all_gather_into_tensor(counts_PE, counts_E, group=ep_group)
-    counts_PE = counts_PE.view(p, num_experts)
-    counts_PPL = counts_PE.view(p, p, n_local)  # [source rank, owner rank, local expert]
-    host = counts_PPL.tolist()  # the one device->host sync
-    send = tuple(sum(host[me][q]) for q in range(p))
-    recv = tuple(sum(host[src][me]) for src in range(p))
-    local = tuple(sum(host[src][me][e] for src in range(p)) for e in range(n_local))
-    local_L = counts_PPL[:, me].sum(dim=0)
+    me, j, n_local = group_rank(groups.ep), group_rank(groups.etp), num_experts // p
+    counts_QE = counts_E.new_empty(p * a * num_experts)  # flat: gloo wants [Q*E], not [Q, E]
+    dist.all_gather_into_tensor(counts_QE, counts_E, group=groups.counts)
+    counts_QE = counts_QE.view(p * a, num_experts)
+    # [source EP rank, source expert-TP rank, owner EP rank, local expert]
+    counts_PAPL = counts_QE.view(p, a, p, n_local)
+    host = counts_PAPL.tolist()  # the one device->host sync
+    send = tuple(sum(host[me][j][q]) for q in range(p))
+    recv = tuple(sum(host[src][j][me]) for src in range(p))
+    per_etp = tuple(sum(sum(host[src][i][me]) for src in range(p)) for i in range(a))
+    local = tuple(
+        sum(host[src][i][me][e] for src in range(p) for i in range(a)) for e in range(n_local)
+    )
+    mine_APL = counts_PAPL[:, :, me].transpose(0, 1)  # rows arrive (expert-TP, source, expert)
     x_NH = _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k, sum(send))
-    x_recv = all_to_all(x_NH, recv, send, ep_group)
+    x_recv = all_to_all(x_NH, recv, send, groups.ep) if p > 1 else x_NH
+    if a > 1:
+        x_recv = gather_uneven(x_recv, per_etp, groups.etp)
 
     regroup = ungroup = None
     if n_local > 1:
-        # Row r of x_recv belongs to chunk c(r) = src * L + local expert; a stable sort on the
-        # local expert gives expert-major order with sources in rank order inside each expert.
-        chunk_sizes = counts_PPL[:, me].reshape(-1)
-        chunk_ids = torch.arange(p * n_local, device=x_NH.device)
-        chunk_of_row = torch.repeat_interleave(chunk_ids, chunk_sizes, output_size=sum(recv))
+        # Row r belongs to chunk c(r) = (etp * P + src) * L + local expert; a stable sort on
+        # the local expert gives expert-major order with the sources in order inside each.
+        chunk_ids = torch.arange(a * p * n_local, device=x_NH.device)
+        chunk_of_row = torch.repeat_interleave(
+            chunk_ids, mine_APL.reshape(-1), output_size=sum(local)
+        )
         regroup = torch.argsort(chunk_of_row % n_local, stable=True)
         ungroup = _inverse(regroup)
         x_recv = _permute(x_recv, regroup, ungroup)
     meta = DispatchMeta(
-        topk=k,
-        sorted_pair_N=sorted_pair_N,
-        sorted_token_N=sorted_token_N,
-        pair_to_sorted_N=pair_to_sorted_N,
-        tokens_per_expert_E=counts_E,
-        global_tokens_per_expert_E=counts_PE.sum(dim=0),
+        **order,
+        global_tokens_per_expert_E=counts_QE.sum(dim=0),
         tokens_per_local_expert=local,
-        tokens_per_local_expert_L=local_L,
-        send_splits=send,
-        recv_splits=recv,
+        tokens_per_local_expert_L=mine_APL.sum(dim=(0, 1)),
+        num_sent=sum(send),
+        send_splits=send if p > 1 else (),
+        recv_splits=recv if p > 1 else (),
+        etp_splits=per_etp if a > 1 else (),
         regroup_M=regroup,
         ungroup_M=ungroup,
-        ep_group=ep_group,
-        num_sent=sum(send),
+        groups=groups,
     )
     return x_recv, meta
 
@@ -269,8 +336,10 @@ def combine(y_MH: torch.Tensor, probs_TK: torch.Tensor, meta: DispatchMeta) -> t
     """Reverse :func:`dispatch` and return ``y_TH = sum_k probs_TK[:, k] * expert_out``."""
     if meta.regroup_M is not None:
         y_MH = _permute(y_MH, meta.ungroup_M, meta.regroup_M)
+    if meta.etp_splits:  # the experts' partial sums over the FFN shards
+        y_MH = reduce_scatter_uneven(y_MH, meta.etp_splits, meta.groups.etp)
     if meta.send_splits:
-        y_MH = all_to_all(y_MH, meta.send_splits, meta.recv_splits, meta.ep_group)
+        y_MH = all_to_all(y_MH, meta.send_splits, meta.recv_splits, meta.groups.ep)
     num_tokens, k = probs_TK.shape
     if meta.num_sent < num_tokens * k:  # dropped pairs: zero rows (their weights are 0 too)
         y_MH = F.pad(y_MH, (0, 0, 0, num_tokens * k - meta.num_sent))
@@ -281,89 +350,3 @@ def combine(y_MH: torch.Tensor, probs_TK: torch.Tensor, meta: DispatchMeta) -> t
         meta.sorted_token_N,
         meta.sorted_pair_N,
     )
-
-
-class _AllToAll(torch.autograd.Function):
-    """Uneven ``all_to_all_single`` along dim 0; backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        y = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(y, x.contiguous(), list(out_splits), list(in_splits), group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        out_splits, in_splits = ctx.splits
-        return _AllToAll.apply(dy, in_splits, out_splits, ctx.group), None, None, None
-
-
-def all_to_all(x, out_splits, in_splits, group) -> torch.Tensor:
-    return _AllToAll.apply(x, tuple(out_splits), tuple(in_splits), group)
-
-
-# The TP collectives below allocate like their input (never on "the current CUDA device"), so
-# they also run on CPU ranks, forward and backward.
-def _all_gather_dim0(x, group):
-    y = x.new_empty((x.shape[0] * group.size(), *x.shape[1:]))
-    dist.all_gather_into_tensor(y, x.contiguous(), group=group)
-    return y
-
-
-def _reduce_scatter_dim0(x, group):
-    y = x.new_empty((x.shape[0] // group.size(), *x.shape[1:]))
-    dist.reduce_scatter_tensor(y, x.contiguous(), group=group)
-    return y
-
-
-def _all_reduce(x, group):
-    x = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(x, group=group)
-    return x
-
-
-class _TPComm(torch.autograd.Function):
-    """``forward_op`` in forward, ``backward_op`` in backward (ops: the helpers above or None
-    for identity)."""
-
-    @staticmethod
-    def forward(ctx, x, group, forward_op, backward_op):
-        ctx.group, ctx.backward_op = group, backward_op
-        return x.view_as(x) if forward_op is None else forward_op(x, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        op = ctx.backward_op
-        return (dy if op is None else op(dy, ctx.group)), None, None, None
-
-
-def copy_to_tp(x, tp_group):
-    """Identity; backward all-reduces over TP (the consumer's grads are partial per TP rank)."""
-    if group_size(tp_group) == 1:
-        return x
-    return _TPComm.apply(x, tp_group, None, _all_reduce)
-
-
-def gather_tokens(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
-    """Give every TP rank all the tokens of its TP group (dim 0 = sequence).
-
-    Sequence parallel: all-gather along dim 0 (backward: reduce-scatter). Otherwise every TP
-    rank already holds them: identity whose backward all-reduces (the experts' input grads are
-    partial over the FFN shards).
-    """
-    if group_size(tp_group) == 1:
-        return x
-    if sequence_parallel:
-        return _TPComm.apply(x, tp_group, _all_gather_dim0, _reduce_scatter_dim0)
-    return copy_to_tp(x, tp_group)
-
-
-def scatter_output(y: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
-    """Sum the TP ranks' partial outputs: reduce-scatter along dim 0 (sequence parallel) or
-    all-reduce; backward all-gathers or passes the gradient through."""
-    if group_size(tp_group) == 1:
-        return y
-    if sequence_parallel:
-        return _TPComm.apply(y, tp_group, _reduce_scatter_dim0, _all_gather_dim0)
-    return _TPComm.apply(y, tp_group, _all_reduce, None)

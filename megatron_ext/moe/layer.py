@@ -16,14 +16,22 @@ forward(hidden_states [S, B, H]) -> (output [S, B, H], None):
    :func:`~megatron_ext.moe.router.attach_loss` with scale ``aux_loss_scale / TP`` (every TP
    rank attaches the same loss and the backward sums over TP once).
 
-Parallel layout: expert-TP = TP (Megatron's default), so EP groups lie inside the data-parallel
-dimension; every TP rank of an EP rank holds the same tokens and an FFN shard of the same
-local experts. The aux loss is computed per micro-batch over the tokens of this DP rank (all
-the TP group's tokens), the same on every TP rank and independent of TP.
+Parallel layout: with expert-TP = TP (Megatron's default) EP groups lie inside the
+data-parallel dimension; every TP rank of an EP rank holds the same tokens and an FFN shard of
+the same local experts. With expert-TP apart from TP (MoE parallel folding: EP x expert-TP x
+expert-DP over the ranks of a pipeline stage, Megatron-Core's expert grid) step 3 runs on this
+TP rank's block of the routed tokens only (with sequence parallel: its own sequence chunk), the
+dispatch gathers rows over expert-TP and reduces the FFN shards' partial sums itself (see
+``dispatcher.py``), and step 4 becomes: the block is the output (sequence parallel) or the
+blocks are summed over TP. Routing stays on all the TP group's tokens, so the router losses,
+the load counts and their ``1/TP`` scale are the same in both layouts. The aux loss is
+computed per micro-batch over the tokens of this DP rank (all the TP group's tokens), the same
+on every TP rank and independent of TP.
 
 Logging: per layer, non-persistent buffers accumulate (training forward passes with grad
 enabled only, so activation recomputation does not count twice) the routed token counts
-(summed over the EP group), the unscaled aux and z losses and the number of micro-batches;
+(summed over the dispatch's count group: EP, or expert-TP x EP when folded), the unscaled aux
+and z losses and the number of micro-batches;
 :func:`collect_moe_stats` reads and resets them. Nothing here is module-level state.
 """
 
@@ -34,6 +42,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
@@ -56,15 +65,19 @@ from megatron_ext.moe.capacity import (
     padded_index,
     unpad_expert_output,
 )
-from megatron_ext.moe.dispatcher import (
-    MoEGroups,
-    combine,
+from megatron_ext.moe.collectives import (
     copy_to_tp,
-    dispatch,
     gather_tokens,
     group_rank,
     group_size,
     scatter_output,
+)
+from megatron_ext.moe.dispatcher import (
+    DispatchGroups,
+    MoEGroups,
+    combine,
+    dispatch,
+    expert_counts,
 )
 from megatron_ext.moe.experts import GroupedExperts, recomputes
 from megatron_ext.moe.router import TopKRouter, attach_loss
@@ -105,9 +118,6 @@ def _check_config(config) -> None:
         bad.append("moe_input_jitter_eps is not supported")
     if config.add_bias_linear:
         bad.append("experts and gate have no bias: set add_bias_linear=False")
-    etp = config.expert_tensor_parallel_size
-    if etp is not None and etp != config.tensor_model_parallel_size:
-        bad.append("expert_tensor_parallel_size must equal tensor_model_parallel_size")
     if bad:
         raise ValueError("SMoELayer: " + "; ".join(bad))
 
@@ -135,7 +145,8 @@ class SMoELayer(MegatronModule):
     """Top-k dropless SMoE with expert parallelism (module docstring has the data flow).
 
     Children: ``router`` (:class:`TopKRouter`: ``weight [E, H]``, optional ``expert_bias``) and
-    ``experts`` (:class:`GroupedExperts`: ``w13 [E/EP, 2F/TP, H]``, ``w2 [E/EP, H, F/TP]``).
+    ``experts`` (:class:`GroupedExperts`: ``w13 [E/EP, 2F/ETP, H]``, ``w2 [E/EP, H, F/ETP]``,
+    ETP = expert-TP).
     """
 
     def __init__(
@@ -144,9 +155,6 @@ class SMoELayer(MegatronModule):
         super().__init__(config)
         _check_config(config)
         self.groups = MoEGroups.from_parallel_state(pg_collection)
-        tp, etp = group_size(self.groups.tp), group_size(self.groups.expt_tp)
-        if tp != etp:
-            raise ValueError(f"SMoELayer needs expert-TP ({etp}) == TP ({tp})")
         self.layer_number = layer_number
         self.num_experts, self.topk = config.num_moe_experts, config.moe_router_topk
         cpu = config.use_cpu_initialization or not torch.cuda.is_available()
@@ -159,7 +167,8 @@ class SMoELayer(MegatronModule):
             global_aux_loss=config.moe_router_load_balancing_type == "global_aux_loss",
             params_dtype=config.params_dtype,
             device=device,
-            noise_seed=1000 * (layer_number or 0) + group_rank(self.groups.ep),
+            # the same on every TP rank (they route the same tokens), apart per DP rank
+            noise_seed=1000 * (layer_number or 0) + group_rank(self.groups.dp),
         )
         if config.perform_initialization:
             # Default RNG: identical on every rank, like Megatron's router (replicated weight).
@@ -224,14 +233,23 @@ class SMoELayer(MegatronModule):
             ids_TK, probs_TK = drop_over_capacity(
                 ids_TK, probs_TK, self.num_experts, capacity, cfg.moe_token_drop_policy
             )
-        x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, self.groups.ep)
+        counts_E = None  # the TP group's routed counts (the aux loss and the bias use them)
+        if self.groups.folded:  # this TP rank dispatches its block of the routed tokens
+            counts_E = expert_counts(torch.sort(ids_TK.reshape(-1)).values, self.num_experts)
+            lo, hi = _token_block(x_TH.shape[0], group_rank(tp_group), tp)
+            x_TH, ids_TK, probs_TK = x_TH[lo:hi], ids_TK[lo:hi], probs_TK[lo:hi]
+        x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, DispatchGroups.of(self.groups))
         pad_to = capacity if cfg.moe_pad_expert_input_to_capacity else 0
         y_MH = self._run_experts(x_MH, meta, pad_to)
         y_TH = combine(y_MH, probs_TK, meta)
-        out = scatter_output(y_TH.view(x.shape), tp_group, cfg.sequence_parallel)
+        if self.groups.folded:
+            out = _folded_output(y_TH, lo, x.shape, hidden_states.shape, tp_group, cfg)
+        else:
+            out = scatter_output(y_TH.view(x.shape), tp_group, cfg.sequence_parallel)
+            counts_E = meta.tokens_per_expert_E
         if self.shared_experts is not None:
             out = out + self._shared_expert_output(hidden_states)
-        return self._apply_losses(out, routing, meta, tp, x.shape[1])
+        return self._apply_losses(out, routing, meta, counts_E, tp, x.shape[1])
 
     def _shared_expert_output(self, hidden_states):
         """The shared experts' output; recomputed in the backward with ``shared_experts`` in
@@ -242,18 +260,18 @@ class SMoELayer(MegatronModule):
 
     def _run_experts(self, x_MH, meta, capacity: int):
         """The local experts on their rows; with ``capacity`` (padding to capacity) every
-        expert's input is first padded with zero rows to ``EP * capacity``."""
+        expert's input is first padded with zero rows to ``capacity`` per source rank."""
         splits = meta.tokens_per_local_expert
         if not capacity:
             return self.experts(x_MH, splits, meta.tokens_per_local_expert_L)
-        rows = capacity * group_size(self.groups.ep)
+        rows = capacity * meta.num_sources
         index_M = padded_index(splits, rows, x_MH.device)
         padded = pad_expert_input(x_MH, index_M, rows * len(splits))
         splits_L = torch.full_like(meta.tokens_per_local_expert_L, rows)
         y = self.experts(padded, (rows,) * len(splits), splits_L)
         return unpad_expert_output(y, index_M)
 
-    def _balancing_loss(self, routing, meta, num_sequences: int) -> torch.Tensor:
+    def _balancing_loss(self, routing, counts_E, num_sequences: int) -> torch.Tensor:
         """The unscaled load-balancing loss of ``moe_router_load_balancing_type`` (formulas in
         ``balancing.py``); the counts are those of the plain top-k of the scores (Megatron's),
         which are the dispatched ones unless a bias, groups, a capacity or noise intervened."""
@@ -267,7 +285,7 @@ class SMoELayer(MegatronModule):
             or cfg.moe_expert_capacity_factor is not None
             or cfg.moe_router_force_load_balancing
         )
-        counts_E = meta.tokens_per_expert_E if plain else aux_loss_counts(scores_TE, k)
+        counts_E = counts_E if plain else aux_loss_counts(scores_TE, k)
         if kind != "global_aux_loss":
             return load_balancing_loss(scores_TE, counts_E, k)
         dp = self.groups.dp
@@ -279,7 +297,7 @@ class SMoELayer(MegatronModule):
             counts_E = self.router.average_global_counts(counts_E)
         return load_balancing_loss(scores_TE, counts_E, k, scores_TE.shape[0] * dp_size)
 
-    def _apply_losses(self, out, routing, meta, tp: int, num_sequences: int):
+    def _apply_losses(self, out, routing, meta, counts_E, tp: int, num_sequences: int):
         cfg = self.config
         training = self.training and torch.is_grad_enabled()
         balancing = cfg.moe_router_load_balancing_type != "none"
@@ -287,7 +305,7 @@ class SMoELayer(MegatronModule):
         z_coeff = cfg.moe_z_loss_coeff or 0.0
         aux_grad, z_grad = training and aux_coeff > 0, training and z_coeff > 0
         with torch.set_grad_enabled(aux_grad):
-            aux = self._balancing_loss(routing, meta, num_sequences)
+            aux = self._balancing_loss(routing, counts_E, num_sequences)
         with torch.set_grad_enabled(z_grad):
             z = z_loss(routing.logits_TE, routing.logsumexp_T)
         if aux_grad or z_grad:
@@ -301,8 +319,29 @@ class SMoELayer(MegatronModule):
                 self.moe_aux_loss_sum += aux.detach().float()
                 self.moe_z_loss_sum += z.detach().float()
                 self.moe_microbatches += 1
-                self.router.count_for_bias(meta.tokens_per_expert_E)
+                self.router.count_for_bias(counts_E)
         return out
+
+
+def _token_block(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of TP rank ``rank``: with sequence parallel exactly its own chunk of
+    the sequence (tokens are sequence-major), otherwise a near-equal share."""
+    return rank * num_tokens // size, (rank + 1) * num_tokens // size
+
+
+def _folded_output(y_TH, lo: int, gathered_shape, local_shape, tp_group, cfg):
+    """The layer's output in attention's layout from this TP rank's block of complete outputs
+    (the expert-TP reduce-scatter already summed the FFN shards). Sequence parallel: the block
+    is this rank's chunk. Otherwise every TP rank needs every row: the blocks, zero elsewhere,
+    summed over TP (all-reduce whose backward is the identity, as the unfolded path's)."""
+    tp = group_size(tp_group)
+    if tp == 1:
+        return y_TH.view(gathered_shape)
+    if cfg.sequence_parallel:
+        return y_TH.view(local_shape)
+    num_tokens = gathered_shape[0] * gathered_shape[1]
+    full_TH = F.pad(y_TH, (0, 0, lo, num_tokens - lo - y_TH.shape[0]))
+    return scatter_output(full_TH.view(gathered_shape), tp_group, False)
 
 
 def smoe_mlp_spec() -> ModuleSpec:
@@ -322,9 +361,10 @@ def collect_moe_stats(model_or_chunks, reset: bool = True) -> dict:
     """Per SMoE layer, keyed by its global layer number, the stats since the last reset.
 
     ``{layer_number: {"tokens_per_expert": LongTensor[E] (sum over micro-batches and over the
-    EP group), "aux_loss": 0-d fp32 tensor (unscaled load-balancing loss, mean per
-    micro-batch), "z_loss": 0-d fp32 tensor (unscaled z-loss, mean per micro-batch),
-    "num_microbatches": int}}``. Tensors are detached copies on the layer's device.
+    dispatch's count group: EP, or expert-TP x EP when folded), "aux_loss": 0-d fp32 tensor
+    (unscaled load-balancing loss, mean per micro-batch), "z_loss": 0-d fp32 tensor (unscaled
+    z-loss, mean per micro-batch), "num_microbatches": int}}``. Tensors are detached copies on
+    the layer's device.
     """
     stats = {}
     for layer in _layers(model_or_chunks):

@@ -2,8 +2,10 @@
 
 Per layer and micro-batch on one rank (bytes). T = s*b tokens, T_sp = T/t with
 --sequence-parallel (else T), p bytes per activation element (2 bf16/fp16, 4 fp32), h hidden,
-q = A*d, kv = G*d, a = A/t local heads, F expert FFN, K top-k, E experts, M = T*K*imbalance
-rows reaching this rank's experts (dropless: on average every EP rank gets T*K rows):
+q = A*d, kv = G*d, a = A/t local heads, F expert FFN, K top-k, E experts, e_t expert-TP,
+T_d the tokens this rank dispatches (T; with MoE parallel folding, e_t != t, its block T/t),
+M = T_d*K*(e_t if folded else 1)*imbalance rows reaching this rank's experts (dropless: on
+average every EP rank gets T_d*K rows, all-gathered over expert-TP when folded):
 
     attention  norm          local (torch RMSNorm): 2*T_sp*h*p + 4*T_sp (input, normalised,
                              rstd); Transformer Engine (fused into linear_qkv): T_sp*h*p + 4*T_sp
@@ -17,11 +19,12 @@ rows reaching this rank's experts (dropless: on average every EP rank gets T*K r
     MoE        norm          local: 2*T_sp*h*p + 4*T_sp;  TE: T_sp*h*p + 4*T_sp
                router        T*h*4 (fp32 input of the gate), 3*T*E*4 with p < 4 (2 in
                              fp32: logits, scores, their cast), T*K*(8 + 4) (ids, weights)
-               dispatch      3*T*K*8 (permutation indices), + 2*M*8 with EP > 1 and several
-                             local experts (regrouping by expert)
-               experts       M*h*p (input), M*2F/t*p (w1|w3 output, for SwiGLU),
-                             2*M*F/t*p (SwiGLU output and its weighted copy, for w2)
-               combine       T*K*h*p (expert outputs, to weight by the router)
+               dispatch      3*T_d*K*8 (permutation indices), + 2*M*8 with several local
+                             experts after an exchange (EP > 1 or a folded expert-TP > 1:
+                             regrouping by expert)
+               experts       M*h*p (input), M*2F/e_t*p (w1|w3 output, for SwiGLU),
+                             2*M*F/e_t*p (SwiGLU output and its weighted copy, for w2)
+               combine       T_d*K*h*p (expert outputs, to weight by the router)
                shared        T*(h + 3*Fs/t)*p with --moe-shared-expert-intermediate-size Fs
                              (Megatron's MLP: fc1 input, fc1 output, SwiGLU output)
 
@@ -37,7 +40,7 @@ Core's default ``core_attn``; ``--moe-layer-recompute`` = ``moe``), what each mo
 keeping (its input stays, already counted as the previous part's output):
 
     moe             router, dispatch indices, expert activations, combine, shared experts
-    moe_act         the SwiGLU's saved intermediates: expert activations M*(h + 2F/t)*p
+    moe_act         the SwiGLU's saved intermediates: expert activations M*(h + 2F/e_t)*p
     shared_experts  the shared experts' term
     core_attn       flash: the softmax statistics b*a*s*4 (q, k, v stay as the checkpoint's
                     inputs, the output as linear_proj's); unfused: the softmax and its
@@ -74,7 +77,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from megatron_ext.layout import recompute_modules
-from megatron_ext.plan.params import padded_vocab
+from megatron_ext.plan.params import expert_tp, padded_vocab
 
 
 def _p(args) -> int:
@@ -103,7 +106,9 @@ def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, f
     q, kv = args.num_attention_heads * d, args.num_query_groups * d
     heads = args.num_attention_heads // t
     te = args.transformer_impl == "transformer_engine"
-    rows = tokens * k * imbalance
+    et = expert_tp(args)
+    sent = tokens // t if et != t else tokens  # folded: this TP rank dispatches its block
+    rows = sent * k * (et if et != t else 1) * imbalance
     norm = (1 if te else 2) * t_sp * h * p + 4 * t_sp
     terms = {
         "attention norm": norm,
@@ -122,13 +127,16 @@ def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, f
         terms["hidden dropout masks"] = 2 * t_sp * h
     terms["MoE norm"] = norm
     terms["router"] = tokens * h * 4 + (3 if p < 4 else 2) * tokens * e * 4 + tokens * k * 12
-    terms["dispatch indices"] = 3 * tokens * k * 8 + (2 * rows * 8 if e // ep > 1 and ep > 1 else 0)
-    terms["expert activations"] = rows * (h + 4 * f // t) * p
-    terms["combine"] = tokens * k * h * p
+    exchanged = ep > 1 or (et != t and et > 1)  # rows regrouped by expert after an exchange
+    terms["dispatch indices"] = 3 * sent * k * 8 + (
+        2 * rows * 8 if e // ep > 1 and exchanged else 0
+    )
+    terms["expert activations"] = rows * (h + 4 * f // et) * p
+    terms["combine"] = sent * k * h * p
     shared = args.moe_shared_expert_intermediate_size
     if shared:  # Megatron's MLP: fc1 input (gathered), fc1 output, SwiGLU output
         terms["shared experts"] = tokens * (h + 3 * shared // t) * p
-    _selective_recompute(terms, args, rows * (h + 2 * f // t) * p, b * heads * s * 4)
+    _selective_recompute(terms, args, rows * (h + 2 * f // et) * p, b * heads * s * 4)
     return terms
 
 

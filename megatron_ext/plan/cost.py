@@ -3,21 +3,29 @@
 Notation: s sequence, b micro-batch, T = s*b tokens per micro-batch, h hidden, F expert FFN,
 E experts, K top-k, V vocabulary, q = A*d query width, kv = G*d key/value width, p bytes per
 activation element, t TP, pp PP, v VPP (1 without), m micro-batches per step, L_s layers per
-pipeline stage, ep EP, dp DP, edp = dp/ep.
+pipeline stage, ep EP, e_t expert-TP (``--expert-tensor-parallel-size``, default t), dp DP,
+edp = t*dp/(e_t*ep) expert-DP; "folded" = e_t != t (MoE parallel folding: each TP rank
+dispatches its block of T_d = T/t tokens, else T_d = T).
 
 Per micro-batch and pipeline stage, on one GPU (forward; backward = 2x forward, full
 recomputation adds one more forward of the layers):
 
     FLOPs   = L_s * [2T(h(q + 2kv) + qh)/t  + 2Ts*q/t (causal attention)  + 2ThE (router)
-                     + 6ThF*K/t * imbalance (experts: each EP rank runs ~T*K rows)]
+                     + 6ThF*K/t * imbalance (experts: each rank runs ~T_d*K*(e_t if
+                       folded) rows on its F/e_t shard: the same FLOPs either way)]
               + 2ThV/t on the last stage (output layer)
     compute = FLOPs / (peak * EFFICIENCY * f(smallest GEMM dimension)),  f(x) = x / (x + 128)
     memory  = 3 * activation bytes / HBM bandwidth (written forward, read and written backward)
-    TP      = L_s * 4 blocks-passes * 2(t-1)/t * T*h*p / NVLink       (attention and MoE, fwd+bwd)
-    EP      = L_s * 4 all-to-alls * T*K*h*p*(ep-1)/ep / bandwidth    (dispatch, combine; fwd+bwd)
+    TP      = L_s * c * (t-1)/t * T*h*p / NVLink per pass; c = 4 collectives (all-gather and
+              reduce-scatter around attention and around MoE), 3 when folded with sequence
+              parallel (the MoE output is the rank's own block: no reduce-scatter)
+    EP      = L_s * 2 all-to-alls * T_d*K*h*p*(ep-1)/ep / bandwidth per pass (dispatch, combine)
+    ETP     = L_s * 2 * T_d*K*h*p*(e_t-1) / NVLink per pass when folded (the received rows
+              all-gathered over expert-TP, the partial outputs reduce-scattered)
 
-The all-to-all bandwidth is NVLink while the EP group sits in one node (t*ep <= GPUs per node)
-and the per-GPU network bandwidth for the share of peers off the node otherwise.
+The all-to-all bandwidth is NVLink while the EP group sits in one node (its ranks are e_t
+apart: e_t*ep <= GPUs per node) and the per-GPU network bandwidth for the share of peers off
+the node otherwise.
 
 Per step, with ``t_mb`` the slowest stage's micro-batch time:
 
@@ -49,7 +57,14 @@ from megatron_ext.model.stack import chunk_first_layer, moe_layer_pattern
 from megatron_ext.plan import activations
 from megatron_ext.plan.hardware import Hardware
 from megatron_ext.plan.memory import static_memory
-from megatron_ext.plan.params import BYTES, ddp_buffers, padded_vocab, rank_params
+from megatron_ext.plan.params import (
+    BYTES,
+    ddp_buffers,
+    expert_dp,
+    expert_tp,
+    padded_vocab,
+    rank_params,
+)
 
 EFFICIENCY = 0.58
 GEMM_KNEE = 128
@@ -84,7 +99,8 @@ def _moe_layers_on_stage(args, pp_rank: int) -> int:
 def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalance: float):
     """(forward seconds, backward seconds, parts) for one micro-batch on stage ``pp_rank``."""
     s, b, h = args.seq_length, args.micro_batch_size, args.hidden_size
-    t, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    t, ep, et = args.tensor_model_parallel_size, args.expert_model_parallel_size, expert_tp(args)
+    folded = et != t
     f, e, k = (
         args.moe_ffn_hidden_size or args.ffn_hidden_size,
         args.num_experts,
@@ -93,6 +109,7 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     d = h // args.num_attention_heads
     q, kv = args.num_attention_heads * d, args.num_query_groups * d
     tokens, p = s * b, _act_bytes(args)
+    sent = tokens / t if folded else tokens  # tokens this rank dispatches
     layers = args.num_layers // args.pipeline_model_parallel_size
     peak = hw.peak_tflops * 1e12 * EFFICIENCY
 
@@ -100,14 +117,14 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     attn_core = 2 * tokens * s * q / t
     router = 2 * tokens * h * e
     experts = 6 * tokens * h * f * k / t * imbalance
-    rows_per_expert = tokens * k * ep / e
+    rows_per_expert = sent * k * (et if folded else 1) * ep / e
     attention_s = attn_gemm / (peak * _shape(min(tokens, (q + 2 * kv) / t, h))) + attn_core / (
         peak * _shape(min(s, d))
     )
     moe_s = (
         attention_s
         + router / (peak * _shape(e))
-        + experts / (peak * _shape(min(rows_per_expert, f / t, h)))
+        + experts / (peak * _shape(min(rows_per_expert, f / et, h)))
     )
     if args.moe_shared_expert_intermediate_size:
         fs = args.moe_shared_expert_intermediate_size
@@ -125,16 +142,19 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
 
     tp_f = 0.0
     if t > 1:
-        tp_f = layers * 2 * 2 * (t - 1) / t * tokens * h * p / (hw.nvlink_gbps * 1e9)
+        passes = 3 if folded and args.sequence_parallel else 4
+        tp_f = layers * passes * (t - 1) / t * tokens * h * p / (hw.nvlink_gbps * 1e9)
     ep_f = 0.0
+    if folded and et > 1:  # the expert-TP all-gather and reduce-scatter (one node)
+        ep_f += n_moe * 2 * sent * k * h * p * (et - 1) / (hw.nvlink_gbps * 1e9) * imbalance
     if ep > 1:
-        volume = tokens * k * h * p * (ep - 1) / ep
-        on_node = min(ep, max(1, hw.gpus_per_node // t))
+        volume = sent * k * h * p * (ep - 1) / ep
+        on_node = min(ep, max(1, hw.gpus_per_node // et))
         off = (ep - on_node) / (ep - 1)
         per_a2a = max(
             volume * (1 - off) / (hw.nvlink_gbps * 1e9), volume * off / (hw.network_gbps * 1e9)
         )
-        ep_f = n_moe * 2 * per_a2a * imbalance
+        ep_f += n_moe * 2 * per_a2a * imbalance
     fwd = compute_f + memory_f + tp_f + ep_f
     bwd = 2 * compute_f + 2 * memory_f + tp_f + ep_f
     if recompute:
@@ -153,7 +173,7 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     if "moe" in mods:
         extra = {"compute": n_moe * (moe_s - attention_s), "EP all-to-all": ep_f / 2}
     elif "moe_act" in mods:
-        swiglu_bytes = tokens * k * imbalance * 4 * f / t * p
+        swiglu_bytes = rows_per_expert * e / ep * imbalance * 4 * f / et * p
         extra = {"memory-bound": n_moe * swiglu_bytes / (hw.hbm_gbps * 1e9)}
     for part, seconds in extra.items():
         parts[part] += seconds
@@ -163,13 +183,13 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
 
 def _dp_seconds(args, hw: Hardware, pp_rank: int, window_f: float, window_b: float):
     """Exposed data-parallel communication seconds for stage ``pp_rank``."""
-    dp, ep = args.data_parallel_size, args.expert_model_parallel_size
+    dp, edp = args.data_parallel_size, expert_dp(args)
     t = args.tensor_model_parallel_size
     bw = (hw.nvlink_gbps if t * dp <= hw.gpus_per_node else hw.network_gbps) * 1e9
     rs = ag = 0.0
     for index, chunk in enumerate(rank_params(args, pp_rank)):
         for buf in ddp_buffers(args, chunk, pp_rank, index):
-            n = dp // ep if buf.expert else dp
+            n = edp if buf.expert else dp
             if n == 1:
                 continue
             frac = (n - 1) / n

@@ -12,8 +12,8 @@ element (2 with --bf16/--fp16, 4 otherwise) and ``n_s`` the elements of its opti
     Adam exp_avg/sq    n_s * 8
 
 ``n_s`` is the rank's shard of every bucket with --use-distributed-optimizer (dense parameters
-over DP ranks, expert parameters over DP/EP ranks: ``~ n_dense/DP + n_expert/(DP/EP)``), and
-``n`` without it.
+over DP ranks, expert parameters over the expert-DP ranks, TP x DP / (expert-TP x EP):
+``~ n_dense/DP + n_expert/expert-DP``), and ``n`` without it.
 
 Activations: ``activations.py``. Totals add a fixed allowance for the CUDA context, NCCL and
 cuBLAS workspaces and allocator fragmentation (``OVERHEAD_GIB``; a stated guess, see
@@ -26,7 +26,14 @@ import argparse
 from dataclasses import dataclass, field
 
 from megatron_ext.plan import activations
-from megatron_ext.plan.params import BYTES, ddp_buffers, rank_params, shard_elements
+from megatron_ext.plan.params import (
+    BYTES,
+    ddp_buffers,
+    expert_dp,
+    expert_tp,
+    rank_params,
+    shard_elements,
+)
 
 GIB = 2**30
 OVERHEAD_GIB = 3.0  # CUDA context (~0.5), NCCL + cuBLAS/TE workspaces (~1.5), fragmentation
@@ -49,16 +56,20 @@ class StaticMemory:
 
 
 def static_memory(
-    args: argparse.Namespace, pp_rank: int, dp_rank: int | None = None
+    args: argparse.Namespace, pp_rank: int, dp_rank: int | None = None, tp_rank: int = 0
 ) -> StaticMemory:
-    """Static bytes on a rank of pipeline stage ``pp_rank`` and data-parallel rank ``dp_rank``.
+    """Static bytes on the rank of pipeline stage ``pp_rank``, data-parallel rank ``dp_rank``
+    and TP rank ``tp_rank``.
 
-    The expert-data-parallel rank is ``dp_rank // EP`` (Megatron-Core's rank order puts EP
-    inside DP). ``dp_rank=None``: the largest over the data-parallel ranks. Shards differ only
+    Its expert-data-parallel rank is ``(TP x dp_rank + tp_rank) // (expert-TP x EP)``
+    (Megatron-Core's orders over the same ranks of a stage: TP then DP for attention, expert-TP
+    then EP then expert-DP for the experts; with expert-TP = TP that is ``dp_rank // EP``).
+    ``dp_rank=None``: the largest over the data-parallel ranks. Shards differ only
     by alignment padding, so the planner uses DP rank 0 (its shard starts every bucket and is
     never short); tests/test_plan.py compares every rank.
     """
-    ep, dp = args.expert_model_parallel_size, args.data_parallel_size
+    dp, edp = args.data_parallel_size, expert_dp(args)
+    grid = expert_tp(args) * args.expert_model_parallel_size  # stage ranks per expert-DP rank
     if dp_rank is None:
         candidates = [static_memory(args, pp_rank, r) for r in range(dp)]
         return max(candidates, key=lambda m: m.total)
@@ -70,8 +81,9 @@ def static_memory(
             half = BYTES[buf.param_dtype] < 4
             if args.use_distributed_optimizer:
                 out.weights += buf.numel * BYTES[buf.param_dtype]
-                group = dp // ep if buf.expert else dp
-                rank = dp_rank // ep if buf.expert else dp_rank
+                group = edp if buf.expert else dp
+                stage_rank = args.tensor_model_parallel_size * dp_rank + tp_rank
+                rank = stage_rank // grid if buf.expert else dp_rank
                 n_s = shard_elements(buf, rank, group)
             else:
                 out.weights += sum(e - s for _, s, e in elems) * BYTES[buf.param_dtype]

@@ -9,8 +9,8 @@ virtual stage), in the order of ``GPTModel.named_parameters()`` with the local l
                self_attention.linear_qkv  [(A + 2G)*d/TP, H]
                pre_mlp_layernorm.weight   [H]
                mlp.router.weight          [E, H]              (dense: reduced over DP)
-               mlp.experts.w13            [E/EP, 2F/TP, H]    (expert: reduced over DP/EP)
-               mlp.experts.w2             [E/EP, H, F/TP]     (F: --moe-ffn-hidden-size)
+               mlp.experts.w13            [E/EP, 2F/ETP, H]   (expert: reduced over expert-DP)
+               mlp.experts.w2             [E/EP, H, F/ETP]    (F: --moe-ffn-hidden-size)
                mlp.shared_experts.linear_fc1 [2Fs/TP, H], linear_fc2 [H, Fs/TP] (+ gate_weight
                                           [1, H]) with --moe-shared-expert-intermediate-size Fs
     dense layers of a mixed stack (--moe-layer-freq): mlp.linear_fc1 [2F/TP, H], linear_fc2
@@ -18,8 +18,10 @@ virtual stage), in the order of ``GPTModel.named_parameters()`` with the local l
     decoder.final_layernorm.weight        [H]                 last chunk of the last rank
     output_layer.weight                   [Vp/TP, H]
 
-with ``Vp`` the vocabulary padded to a multiple of 128 x TP. (Transformer Engine fuses the
-first norm into ``linear_qkv``: same elements, another order, which only moves bucket borders.)
+with ``Vp`` the vocabulary padded to a multiple of 128 x TP, ETP the expert-TP size
+(``--expert-tensor-parallel-size``, default TP) and expert-DP = TP x DP / (ETP x EP).
+(Transformer Engine fuses the first norm into ``linear_qkv``: same elements, another order,
+which only moves bucket borders.)
 
 DDP (``megatron.core.distributed``) puts each chunk's dense and expert parameters in separate
 buffers, grouped by dtype. With the distributed optimizer every parameter starts at a multiple
@@ -45,7 +47,7 @@ class Param:
     name: str
     shape: tuple[int, ...]
     dtype: str  # "fp32" | "bf16" | "fp16"
-    expert: bool = False  # reduced over the expert-data-parallel group (DP / EP ranks)
+    expert: bool = False  # reduced over the expert-data-parallel group (expert_dp ranks)
 
     @property
     def numel(self) -> int:
@@ -56,6 +58,17 @@ def padded_vocab(args: argparse.Namespace) -> int:
     """Megatron-LM's padding: ``ceil(V / (divisible_by * TP)) * divisible_by * TP``."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-args.vocab_size // multiple) * multiple
+
+
+def expert_tp(args: argparse.Namespace) -> int:
+    """``--expert-tensor-parallel-size`` (Megatron-LM's default: TP)."""
+    return getattr(args, "expert_tensor_parallel_size", None) or args.tensor_model_parallel_size
+
+
+def expert_dp(args: argparse.Namespace) -> int:
+    """Expert-data-parallel ranks: a stage's TP x DP ranks regrouped as ETP x EP x expert-DP."""
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    return tp * args.data_parallel_size // (expert_tp(args) * ep)
 
 
 def param_dtype(args: argparse.Namespace) -> str:
@@ -77,7 +90,7 @@ def layers_per_chunk(args: argparse.Namespace) -> int:
 def layer_params(args: argparse.Namespace, index: int, moe: bool = True) -> list[Param]:
     """One transformer layer's parameters on one rank (``index``: local layer number; ``moe``:
     an MoE layer, else a dense one of a mixed stack)."""
-    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    tp, ep, etp = args.tensor_model_parallel_size, args.expert_model_parallel_size, expert_tp(args)
     h, e = args.hidden_size, args.num_experts
     f = args.moe_ffn_hidden_size or args.ffn_hidden_size
     d = h // args.num_attention_heads
@@ -98,8 +111,8 @@ def layer_params(args: argparse.Namespace, index: int, moe: bool = True) -> list
         ]
     out += [
         Param(p + "mlp.router.weight", (e, h), dt),
-        Param(p + "mlp.experts.w13", (e // ep, 2 * f // tp, h), dt, expert=True),
-        Param(p + "mlp.experts.w2", (e // ep, h, f // tp), dt, expert=True),
+        Param(p + "mlp.experts.w13", (e // ep, 2 * f // etp, h), dt, expert=True),
+        Param(p + "mlp.experts.w2", (e // ep, h, f // etp), dt, expert=True),
     ]
     shared = args.moe_shared_expert_intermediate_size
     if shared:  # named_parameters lists SharedExpertMLP's gate (a direct parameter) first
@@ -188,8 +201,7 @@ def ddp_buffers(
     args: argparse.Namespace, chunk: list[Param], pp_rank: int, chunk_index: int
 ) -> list[Buffer]:
     """The buffers Megatron's DDP allocates for one chunk (engine.py's DDP config)."""
-    dp = args.data_parallel_size
-    edp = dp // args.expert_model_parallel_size
+    dp, edp = args.data_parallel_size, expert_dp(args)
     bucket_size = None
     if args.overlap_grad_reduce and pp_rank == 0 and chunk_index == 0:
         # engine.py: 40M on GPUs; on CPU it passes None and DDP picks max(40M, 1M x DP).

@@ -2,10 +2,12 @@
 
 What is kept, changed and dropped (``shrink``), and why:
 
-* kept: every flag of the recipe, TP, PP, VPP (layers per virtual stage) and EP exactly, the
-  micro-batch size, the number of micro-batches per step, precision, the optimizer flags;
-* DP: the smallest value EP allows, DP = EP (EP must divide DP), so the rehearsal needs
-  TP x PP x EP ranks instead of the cluster's world size; the global batch is scaled by the
+* kept: every flag of the recipe, TP, PP, VPP (layers per virtual stage), EP and expert-TP
+  exactly, the micro-batch size, the number of micro-batches per step, precision, the
+  optimizer flags;
+* DP: the smallest value the expert grid allows (EP x expert-TP must divide TP x DP:
+  DP = lcm(TP, EP x expert-TP) / TP, which is EP when expert-TP = TP), so the rehearsal needs
+  TP x PP x DP ranks instead of the cluster's world size; the global batch is scaled by the
   same factor, which keeps the micro-batches per step (the interleaved schedule needs a
   multiple of PP);
 * model: the fewest layers that keep PP and VPP (PP x VPP, one per virtual stage), hidden 64,
@@ -14,8 +16,7 @@ What is kept, changed and dropped (``shrink``), and why:
 * data and checkpoints: --mock-data with a NullTokenizer instead of --data-path and the
   tokenizer; no --save / --load / --tensorboard-dir (a rehearsal must not touch the run's
   checkpoints); evaluation off;
-* --sequence-parallel is dropped: the CPU path uses Megatron-Core's torch norms, which refuse
-  it (TP itself is still rehearsed).
+* --sequence-parallel is kept: the CPU path's norms (``model/norm.py``) support it.
 
 Then ``pretrain_mixtral.run`` trains for a few iterations on that many CPU ranks (gloo), in
 child processes of ``megatron_ext.multirank``; a flag or layout error shows up as it would on
@@ -25,6 +26,7 @@ the cluster, with the failing rank's traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -45,7 +47,6 @@ DROPPED = {
     "--load": "a rehearsal never reads the run's checkpoints",
     "--save-interval": "no checkpoints",
     "--tensorboard-dir": "no logs",
-    "--sequence-parallel": "Megatron-Core's torch norms (the CPU path) refuse it",
 }
 SHRUNK = (
     "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
@@ -69,9 +70,9 @@ def shrink(recipe: Recipe, train_iters: int = 2, ep: int | None = None) -> Rehea
     full = parse_args(recipe.argv, recipe.world_size)
     tp, pp = full.tensor_model_parallel_size, full.pipeline_model_parallel_size
     vpp = full.virtual_pipeline_model_parallel_size
-    ep_full = full.expert_model_parallel_size
+    ep_full, etp = full.expert_model_parallel_size, full.expert_tensor_parallel_size
     ep = ep or ep_full
-    dp = ep
+    dp = math.lcm(tp, ep * etp) // tp
     world = tp * pp * dp
     gbs = full.micro_batch_size * dp * full.num_microbatches
     groups = max(tp, 2)
@@ -91,12 +92,14 @@ def shrink(recipe: Recipe, train_iters: int = 2, ep: int | None = None) -> Rehea
         argv += ["--num-layers-per-virtual-pipeline-stage", "1"]
     if ep != ep_full:
         argv = _replace(argv, "--expert-model-parallel-size", str(ep))
+    vpp_text = f" VPP{vpp}" if vpp else ""
+    etp_text = f" ETP{etp}" if etp != tp else ""
     changes = [
-        f"cluster layout TP{tp} PP{pp}{f' VPP{vpp}' if vpp else ''} EP{ep_full} "
+        f"cluster layout TP{tp} PP{pp}{vpp_text} EP{ep_full}{etp_text} "
         f"DP{full.data_parallel_size} on {recipe.world_size} GPUs -> CPU layout TP{tp} PP{pp}"
-        f"{f' VPP{vpp}' if vpp else ''} EP{ep} DP{dp} on {world} ranks",
-        f"DP {full.data_parallel_size} -> {dp} (the smallest EP {ep} allows); global batch "
-        f"{full.global_batch_size} -> {gbs}, still {full.num_microbatches} micro-batches of "
+        f"{vpp_text} EP{ep}{etp_text} DP{dp} on {world} ranks",
+        f"DP {full.data_parallel_size} -> {dp} (the smallest EP {ep}{etp_text} allows); global "
+        f"batch {full.global_batch_size} -> {gbs}, still {full.num_microbatches} micro-batches of "
         f"{full.micro_batch_size} per step",
         f"model: layers {full.num_layers} -> {layers}, hidden {full.hidden_size} -> 64, "
         f"FFN {full.ffn_hidden_size} -> 128, heads {full.num_attention_heads} -> {heads}, "

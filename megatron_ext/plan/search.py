@@ -1,10 +1,12 @@
 """Enumerate layouts, reject invalid ones with the training script's own messages, rank the rest.
 
-A layout is (TP, PP, VPP, EP, micro-batch, recomputation); DP follows (world / (TP x PP)).
-Candidates: TP in the powers of two up to the GPUs of a node (tensor-parallel traffic stays on
-NVLink), PP every divisor of world / TP, VPP none or every split of a stage's layers into 2 or
-more virtual stages, EP every divisor of the expert count, micro-batch sizes as asked, and
-full recomputation off / on. Each candidate's flags go through ``parse_args`` of
+A layout is (TP, PP, VPP, EP, expert-TP, micro-batch, recomputation); DP follows (world /
+(TP x PP)). Candidates: TP in the powers of two up to the GPUs of a node (tensor-parallel traffic
+stays on NVLink), PP every divisor of world / TP, VPP none or every split of a stage's layers
+into 2 or more virtual stages, EP every divisor of the expert count, expert-TP every power of
+two up to TP (MoE parallel folding; expert-TP = TP is Megatron-LM's default), micro-batch sizes
+as asked, and recomputation none / full / selective (``RECOMPUTE_CHOICES``). Each candidate's
+flags go through ``parse_args`` of
 ``pretrain_mixtral.py`` (``megatron_ext.arguments``), so an invalid layout is rejected with
 exactly the ``LayoutError`` the training script would print; a valid one is then estimated
 (``memory.py``, ``cost.py``) and either fits the GPU or is reported with its memory.
@@ -56,6 +58,7 @@ class Layout:
     mb: int
     layers_per_virtual_stage: int | None = None  # --num-layers-per-virtual-pipeline-stage
     recompute: bool | str = False  # True: full; a module name: selective (RECOMPUTE_CHOICES)
+    etp: int | None = None  # --expert-tensor-parallel-size (None: TP, Megatron-LM's default)
 
     def flags(self, recompute_flag: bool = True) -> list[str]:
         out = [
@@ -64,6 +67,8 @@ class Layout:
             "--expert-model-parallel-size", str(self.ep),
             "--micro-batch-size", str(self.mb),
         ]  # fmt: skip
+        if self.etp is not None and self.etp != self.tp:
+            out += ["--expert-tensor-parallel-size", str(self.etp)]
         if self.layers_per_virtual_stage:
             out += ["--num-layers-per-virtual-pipeline-stage", str(self.layers_per_virtual_stage)]
         if self.tp > 1:
@@ -80,18 +85,27 @@ def describe(layout: Layout, world: int) -> str:
     vl = layout.layers_per_virtual_stage
     dp = world // (layout.tp * layout.pp) if world % (layout.tp * layout.pp) == 0 else "?"
     text = f"TP{layout.tp} PP{layout.pp}" + (f" ({vl} layers/virtual stage)" if vl else "")
-    text += f" EP{layout.ep} DP{dp} mb{layout.mb}"
+    text += f" EP{layout.ep}" + _etp_text(layout.tp, layout.etp or layout.tp)
+    text += f" DP{dp} mb{layout.mb}"
     if layout.recompute is True:
         return text + " recompute"
     return text + (f" recompute {layout.recompute}" if layout.recompute else "")
 
 
+def _etp_text(tp: int, etp: int) -> str:
+    return f" ETP{etp}" if etp != tp else ""  # shown only apart from TP (the default)
+
+
 def describe_args(args: argparse.Namespace) -> str:
-    """``TP1 PP4 VPP8 EP8 DP16 mb1`` (+ `` recompute``) of parsed flags."""
+    """``TP2 PP8 VPP7 EP8 ETP1 DP8 mb1`` (+ `` recompute``) of parsed flags (ETP only when it
+    differs from TP)."""
     vpp = args.virtual_pipeline_model_parallel_size
-    text = f"TP{args.tensor_model_parallel_size} PP{args.pipeline_model_parallel_size}"
+    tp = args.tensor_model_parallel_size
+    text = f"TP{tp} PP{args.pipeline_model_parallel_size}"
     text += f" VPP{vpp}" if vpp else ""
-    text += f" EP{args.expert_model_parallel_size} DP{args.data_parallel_size}"
+    text += f" EP{args.expert_model_parallel_size}"
+    text += _etp_text(tp, args.expert_tensor_parallel_size or tp)
+    text += f" DP{args.data_parallel_size}"
     text += f" mb{args.micro_batch_size}"
     return text + recompute_label(args)
 
@@ -139,9 +153,10 @@ def layouts(
                 splits += [v for v in _divisors(per_stage) if v < per_stage]
             for vl in splits:
                 for ep in _divisors(num_experts):
-                    for mb in micro_batches:
-                        for rc in recompute:
-                            out.append(Layout(tp, pp, ep, mb, vl, rc))
+                    for etp in (e for e in (1, 2, 4, 8, 16) if e <= tp):
+                        for mb in micro_batches:
+                            for rc in recompute:
+                                out.append(Layout(tp, pp, ep, mb, vl, rc, etp))
     return out
 
 

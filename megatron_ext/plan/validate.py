@@ -14,6 +14,7 @@ import argparse
 
 from megatron_ext.arguments import LayoutError, parse_args
 from megatron_ext.plan import cost, memory
+from megatron_ext.plan.activations import selective_modules
 from megatron_ext.plan.hardware import GPUS
 from megatron_ext.plan.report import gib, memory_table
 from megatron_ext.plan.search import describe_args, recompute_requested
@@ -70,7 +71,7 @@ def validate_text(
         f"layout {describe_args(args)} on {world_size} x {hw.name}: "
         f"{args.num_microbatches} micro-batches of {args.micro_batch_size} per step "
         f"(global batch {args.global_batch_size}), sequence {args.seq_length}, "
-        f"{'full recomputation' if recompute else 'no recomputation'}",
+        f"{_recomputation_text(args, recompute)}",
     ]
     lines += [f"note: {n}" for n in args.notices + args.unhonoured]
     if assumed:
@@ -106,3 +107,10 @@ def main(argv: list[str]) -> int:
     text, fits = validate_text(flags, p.world_size, p.gpu_memory_gb, p.gpu, p.imbalance)
     print(text)
     return 2 if fits is None else 0 if fits else 1
+
+
+def _recomputation_text(args, full: bool) -> str:
+    if full:
+        return "full recomputation"
+    modules = selective_modules(args)
+    return f"recomputing {', '.join(sorted(modules))}" if modules else "no recomputation"
