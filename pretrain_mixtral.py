@@ -27,10 +27,12 @@ from megatron_ext import checkpointing, data, engine, preflight, profiling
 from megatron_ext.arguments import check_environment, parse_args
 from megatron_ext.checkpointing.lock import lock_save_dir
 from megatron_ext.errors import TrainingStopped, UsageError, agreed
-from megatron_ext.metrics import Reporter, expert_load, precision_of
+from megatron_ext.metrics import Reporter, precision_of
 from megatron_ext.model import transformer_config
 from megatron_ext.model.presets import describe as describe_model
 from megatron_ext.moe import collect_moe_stats, set_aux_loss_scale
+from megatron_ext.observe.load import expert_load
+from megatron_ext.observe.sinks import open_sinks
 from megatron_ext.profiling import phase
 
 
@@ -200,8 +202,7 @@ def train(args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter
         if args.eval_iters and valid_it and state.iteration % args.eval_interval == 0:
             val = evaluate(args, valid_it, model)
             print_rank_last(f"validation at iter {state.iteration}: lm loss {val['lm loss']:.4f}")
-            if reporter.writer is not None:
-                reporter.writer.add_scalar("validation/lm_loss", val["lm loss"], state.iteration)
+            reporter.scalar("validation/lm_loss", val["lm loss"], state.iteration)
             state.last_validation = val["lm loss"]
             history.validation.append((state.iteration, val["lm loss"]))
         if checkpointing.should_save(args, state):
@@ -272,12 +273,9 @@ def run(argv=None) -> History:
     model, optimizer, scheduler = engine.setup_model_and_optimizer(args, config)
     state = checkpointing.load(args, model, optimizer, scheduler, plan)
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
-    writer = None
-    if args.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=args.tensorboard_dir)
-    reporter = Reporter(args, writer)
+    last_rank = dist.get_rank() == dist.get_world_size() - 1  # it holds the loss: it reports
+    sinks = open_sinks(args) if last_rank else []  # TensorBoard, W&B
+    reporter = Reporter(args, sinks)
     if reporter.peak is None and not args.cpu:
         print_rank_last(
             f"note: MFU not reported: no datasheet peak for {torch.cuda.get_device_name()} "
@@ -288,8 +286,8 @@ def run(argv=None) -> History:
             args, model, optimizer, scheduler, train_ds, valid_ds, state, reporter, preemption
         )
     finally:
-        if writer is not None:
-            writer.close()
+        for sink in sinks:
+            sink.close()
         lock.release()
     parallel_state.destroy_model_parallel()
     return history

@@ -30,7 +30,6 @@ import glob
 import importlib.util
 import io
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -122,15 +121,6 @@ def moe_layer(shapes: str) -> list[str]:
     return [f"`python bench/moe_layer.py {' '.join(argv)}`", "", *lines, *notes]
 
 
-_FIELDS = {
-    "tokens/s": r"tokens/s ([\d.e+]+)",
-    "TFLOP/s/device": r"TFLOP/s/device ([\d.e+-]+)",
-    "MFU": r"MFU ([\d.e+-]+)",
-    "step ms": r"step +([\d.]+) ms",
-    "lm loss": r"lm loss ([\d.]+)",
-}
-
-
 def training_proxy(flags: str, label: str) -> list[str]:
     """Run pretrain_mixtral in this process (one rank) and summarise its log lines."""
     import torch
@@ -147,9 +137,12 @@ def training_proxy(flags: str, label: str) -> list[str]:
     wall = time.time() - start
     rows = [line for line in out.getvalue().splitlines() if line.startswith("iter ")]
     timed = rows[2:] or rows  # the first iterations include allocation and warm-up
+    from megatron_ext.metrics import parse_line
+
+    parsed = [parse_line(row) for row in timed]
     summary = {}
-    for name, pattern in _FIELDS.items():
-        values = [float(m.group(1)) for row in timed if (m := re.search(pattern, row))]
+    for name in ("tokens/s", "TFLOP/s/device", "MFU", "step ms", "lm loss"):
+        values = [p[name] for p in parsed if name in p]
         if values:
             summary[name] = statistics.median(values)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30

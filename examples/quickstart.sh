@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job: train the `small` Mixtral preset on real English text on 2 CPU ranks
-# with expert parallelism 2, print the loss going down, write TensorBoard logs to runs/quickstart.
+# with expert parallelism 2, print the loss going down, write TensorBoard logs to runs/quickstart
+# and an HTML report of the run (runs/quickstart/report.html).
 # Installs what it needs into .venv first (examples/venv.sh). No downloads of data or weights:
 # the corpus is built from text every Python installation carries, the tokenizer is Mixtral's
 # own (shipped in the mistral-common package).
@@ -30,3 +31,6 @@ torchrun --standalone --nproc-per-node 2 pretrain_mixtral.py --cpu \
     --use-distributed-optimizer \
     --log-interval 5 --eval-interval 20 --eval-iters 2 \
     --tensorboard-dir runs/quickstart
+
+# One HTML page of the run (loss, throughput, expert load), no TensorBoard server needed.
+python -m megatron_ext.report runs/quickstart --out runs/quickstart/report.html

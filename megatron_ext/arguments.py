@@ -301,8 +301,13 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile-step-start", type=int, default=10)
     g.add_argument("--profile-step-end", type=int, default=12)
     g.add_argument("--profile-ranks", nargs="+", type=int, default=[0])
-    g.add_argument("--wandb-project", default=None, help="accepted; use --tensorboard-dir")
-    g.add_argument("--wandb-exp-name", default=None, help="accepted; use --tensorboard-dir")
+    g.add_argument(
+        "--wandb-project",
+        default=None,
+        help="log to Weights & Biases too (the last rank; pip install 'megatron-mixtral[wandb]')",
+    )
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run name")
+    g.add_argument("--wandb-save-dir", default=None, help="default: <--save>/wandb")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ import importlib.util
 
 from megatron_ext.errors import LayoutError
 from megatron_ext.moe_checks import check_moe, moe_unhonoured
+from megatron_ext.observe.sinks import check_wandb_flags
 
 __all__ = ["LayoutError", "check_environment", "unhonoured", "validate"]
 
@@ -193,6 +194,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         f"--num-query-groups {args.num_query_groups}",
     )
     check_moe(args)
+    check_wandb_flags(args)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     mb = args.micro_batch_size
@@ -368,8 +370,6 @@ def unhonoured(args: argparse.Namespace) -> list[str]:
         )
     elif args.no_masked_softmax_fusion and args.cpu:
         notes.append("--no-masked-softmax-fusion: CPU ranks never fuse the softmax")
-    if args.wandb_project or args.wandb_exp_name:
-        notes.append("--wandb-project/--wandb-exp-name: W&B is not wired in; use --tensorboard-dir")
     if args.profile and not args.use_pytorch_profiler and args.cpu:
         notes.append(
             "--profile without --use-pytorch-profiler brackets the steps for nsys "

@@ -1,4 +1,4 @@
-"""What the training loop reports: FLOPs, throughput, MFU, expert load; stdout and TensorBoard.
+"""What the training loop reports: FLOPs, throughput, MFU, expert load; the log line and the sinks.
 
 FLOPs (docs/flops.md has the derivation). Per token, forward, for each layer with hidden H,
 FFN F, query heads A with head dim d, G KV groups, E experts, top-k K, sequence S:
@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import re
 
-import numpy as np
 import torch
 
 from megatron_ext.model.stack import moe_layer_pattern
+from megatron_ext.observe import figures as figures_mod
+from megatron_ext.observe.load import summarize
 
 
 def _peaks(bf16: float, fp8: float | None, tf32: float) -> dict[str, float]:
@@ -92,35 +93,20 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
     return device_peak(torch.cuda.get_device_name(), precision_of(args))
 
 
-def expert_load(stats: dict) -> dict[int, dict]:
-    """Per layer: tokens per expert, max/mean load ratio, mean router losses."""
-    out = {}
-    for layer, s in sorted(stats.items()):
-        tokens = s["tokens_per_expert"].double()
-        out[layer] = {
-            "tokens_per_expert": tokens,
-            "max_over_mean": float(tokens.max() / tokens.mean()) if tokens.sum() > 0 else 0.0,
-            "aux_loss": float(s["aux_loss"]),  # already a mean per micro-batch
-            "z_loss": float(s["z_loss"]),
-        }
-    return out
-
-
-def load_heatmap(load: dict[int, dict]) -> np.ndarray:
-    """A [1, layers*8, experts*8] grey image: brightness = tokens / (max over the matrix)."""
-    rows = np.stack([v["tokens_per_expert"].numpy() for v in load.values()])
-    rows = rows / max(rows.max(), 1.0)
-    return np.kron(rows, np.ones((8, 8)))[None].astype(np.float32)
+MAX_POINTS = 1000  # of the imbalance figure, per layer
 
 
 class Reporter:
-    """Prints one line per ``--log-interval`` and writes the same numbers to TensorBoard."""
+    """Prints one line per ``--log-interval`` (the caller prints on the last rank) and writes the
+    same numbers, the expert-load scalars, histograms and figures to the sinks
+    (``observe/sinks.py``: TensorBoard, W&B). Expert load: ``observe/load.py``."""
 
-    def __init__(self, args: argparse.Namespace, writer=None):
+    def __init__(self, args: argparse.Namespace, sinks=()):
         self.args = args
-        self.writer = writer
+        self.sinks = list(sinks)
         self.flops_per_token = training_flops_per_token(args)
         self.peak = peak_tflops(args)
+        self.imbalance: list[tuple[int, dict[int, float]]] = []  # (iteration, layer -> ratio)
 
     def log(self, it: int, values: dict, step_time: float, load: dict[int, dict]) -> str:
         a = self.args
@@ -130,43 +116,114 @@ class Reporter:
         values["TFLOP/s/device"] = self.flops_per_token * tokens / step_time / a.world_size / 1e12
         if self.peak:
             values["MFU"] = values["TFLOP/s/device"] / self.peak
-        if load:
-            ratios = [v["max_over_mean"] for v in load.values()]
-            values["expert max/mean (worst layer)"] = max(ratios)
-        parts = [f"iter {it:6d}/{a.train_iters}", f"step {step_time * 1e3:8.1f} ms"]
-        parts += [f"{k} {_fmt(v)}" for k, v in values.items()]
-        line = " | ".join(parts)
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k.replace(" ", "_"), v, it)
-            for layer, v in load.items():
-                self.writer.add_scalar(
-                    f"expert_load/max_over_mean/layer_{layer}", v["max_over_mean"], it
-                )
-                self.writer.add_scalar(f"router/aux_loss/layer_{layer}", v["aux_loss"], it)
-                self.writer.add_scalar(f"router/z_loss/layer_{layer}", v["z_loss"], it)
-                counts = v["tokens_per_expert"].double().numpy()
-                experts = np.arange(len(counts), dtype=np.float64)
-                self.writer.add_histogram_raw(  # x: expert id, height: tokens routed to it
-                    f"expert_load/tokens_per_expert/layer_{layer}",
-                    min=0.0,
-                    max=float(len(counts) - 1),
-                    num=float(counts.sum()),
-                    sum=float((experts * counts).sum()),
-                    sum_squares=float((experts**2 * counts).sum()),
-                    bucket_limits=(experts + 0.5).tolist(),
-                    bucket_counts=counts.tolist(),
-                    global_step=it,
-                )
-            if load:
-                self.writer.add_image(
-                    "expert_load/heatmap_layers_x_experts", load_heatmap(load), it
-                )
-            self.writer.flush()
+        summary = summarize(load) if load else None
+        dropless = a.moe_expert_capacity_factor is None
+        line = format_line(it, a.train_iters, step_time, values, summary, dropless)
+        if self.sinks:
+            self._write(it, values, load, summary)
         return line
 
+    def scalar(self, tag: str, value: float, it: int) -> None:
+        for sink in self.sinks:
+            sink.scalar(tag, value, it)
+            sink.flush()
 
-def _fmt(v) -> str:
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.4e}" if abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.4f}"
+    def _write(self, it: int, values: dict, load: dict[int, dict], summary) -> None:
+        scalars = {k.replace(" ", "_"): v for k, v in values.items()}
+        figures = {}
+        if load:
+            for layer, v in load.items():
+                scalars[f"expert_load/max_over_mean/layer_{layer}"] = v["max_over_mean"]
+                scalars[f"router/aux_loss/layer_{layer}"] = v["aux_loss"]
+                scalars[f"router/z_loss/layer_{layer}"] = v["z_loss"]
+            scalars.update(summary.scalars())
+            self.imbalance.append((it, {k: v["max_over_mean"] for k, v in load.items()}))
+            if len(self.imbalance) > MAX_POINTS:  # thin by half, keep the first and the last
+                self.imbalance = self.imbalance[:-1:2] + self.imbalance[-1:]
+            figures = {
+                "expert_load/heatmap": figures_mod.load_heatmap(load, it),
+                "expert_load/imbalance": figures_mod.imbalance_figure(self.imbalance),
+            }
+        for sink in self.sinks:
+            for tag, value in scalars.items():
+                sink.scalar(tag, value, it)
+            for layer, v in load.items():  # x: expert id, height: tokens routed to it
+                sink.histogram(f"expert_load/tokens_per_expert/layer_{layer}",
+                               v["tokens_per_expert"], it)  # fmt: skip
+            for tag, fig in figures.items():
+                sink.figure(tag, fig, it)
+            sink.flush()
+
+
+# ------------------------------------------------------------------------------ the log line
+SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""))
+
+
+def readable(v: float) -> str:
+    """Three significant digits, thousands grouped from 1,000 up (``1,701``, ``45.3``,
+    ``0.125``)."""
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.2e}"
+
+
+def flops_text(tflops: float) -> str:
+    """``tflops`` TFLOP/s with the SI prefix that puts the number in [1, 1000): ``15.0 GFLOP/s``."""
+    flops = tflops * 1e12
+    scale, prefix = next(((s, p) for s, p in SI if abs(flops) >= s), SI[-1])
+    return f"{flops / scale:.3g} {prefix}FLOP/s"
+
+
+def format_line(it, iters, step_time, values: dict, summary, dropless: bool) -> str:
+    """``iter 10/40 | step 2,345 ms | lm loss 7.2345 | lr 3.00e-03 | grad norm 1.23 | skipped 0
+    | router aux_loss 1.0012 | 1,701 tokens/s | 15.0 GFLOP/s/device | MFU 1.52% | expert
+    max/mean 1.23 (layer 2, median 1.10) | tokens dropped 0 (dropless)``."""
+    parts = [f"iter {it:6d}/{iters}", f"step {readable(step_time * 1e3)} ms"]
+    for k, v in values.items():
+        if k in ("tokens/s", "TFLOP/s/device", "MFU"):
+            continue
+        if k == "lr":
+            parts.append(f"lr {v:.2e}")
+        elif isinstance(v, int):
+            parts.append(f"{k.replace('_', ' ')} {v}")
+        elif "loss" in k and "scale" not in k:
+            parts.append(f"{k} {v:.4f}")
+        else:
+            parts.append(f"{k.replace('_', ' ')} {readable(v)}")
+    parts.append(f"{readable(values['tokens/s'])} tokens/s")
+    parts.append(f"{flops_text(values['TFLOP/s/device'])}/device")
+    if "MFU" in values:
+        parts.append(f"MFU {readable(values['MFU'] * 100)}%")
+    if summary is not None:
+        parts.append(
+            f"expert max/mean {summary.ratio_max:.2f} (layer {summary.worst_layer}, "
+            f"median {summary.ratio_p50:.2f})"
+        )
+        dropped = "0 (dropless)" if dropless else f"{readable(summary.dropped_share * 100)}%"
+        parts.append(f"tokens dropped {dropped}")
+    return " | ".join(parts)
+
+
+_LINE = {
+    "step ms": r"step ([\d,.]+) ms",
+    "lm loss": r"lm loss ([\d.]+)",
+    "tokens/s": r"([\d,.e+-]+) tokens/s",
+    "MFU": r"MFU ([\d.e+-]+)%",
+}
+
+
+def parse_line(line: str) -> dict[str, float]:
+    """The numbers of a :func:`format_line` line: step ms, lm loss, tokens/s, TFLOP/s/device,
+    MFU (a fraction), for scripts that read the log (bench/gpu_check.py)."""
+    out = {}
+    for name, pattern in _LINE.items():
+        if m := re.search(pattern, line):
+            out[name] = float(m.group(1).replace(",", ""))
+    if "MFU" in out:
+        out["MFU"] /= 100
+    if m := re.search(r"([\d.e+-]+) ([PTGMk]?)FLOP/s/device", line):
+        scale = dict((p, s) for s, p in SI)[m.group(2)]
+        out["TFLOP/s/device"] = float(m.group(1)) * scale / 1e12
+    return out

@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # pretrain_mixtr
 
 TIERS = {  # name -> which test reports belong to it
     "real Slurm": lambda r: "test_slurm_real.py" in r.nodeid,
+    "browser (Chromium)": lambda r: "chromium" in r.nodeid,
     "GPU rules": lambda r: "gpu_rules" in r.nodeid,
     "real GPU (-m gpu)": lambda r: "gpu" in getattr(r, "keywords", {}),
 }

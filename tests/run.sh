@@ -5,4 +5,5 @@ source "$(dirname "$0")/../examples/venv.sh"
 ruff check .
 ruff format --check .
 bash tests/install_slurm.sh  # the real-Slurm tier (Debian's packages; skipped where impossible)
+bash tests/install_chromium.sh  # the browser tier: the HTML run report opened headless
 python -m pytest -q "$@"

@@ -5,14 +5,15 @@
 - :func:`gather_uneven` / :func:`reduce_scatter_uneven`: the expert-TP all-gather of the rows
   each rank received and the reduce-scatter of the experts' partial outputs (MoE parallel
   folding), each other's adjoint;
-- :func:`copy_to_tp`, :func:`gather_tokens`, :func:`scatter_output`: attention TP (the token
-  layout around the layer).
+- :func:`copy_to_tp`, :func:`gather_tokens`, :func:`scatter_output`, :func:`token_block`,
+  :func:`folded_output`: attention TP (the token layout around the layer).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def group_size(group) -> int:
@@ -127,3 +128,26 @@ def scatter_output(y: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.
     if sequence_parallel:
         return _TPComm.apply(y, tp_group, _reduce_scatter_dim0, _all_gather_dim0)
     return _TPComm.apply(y, tp_group, _all_reduce, None)
+
+
+def token_block(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of TP rank ``rank``: with sequence parallel exactly its own chunk of
+    the sequence (tokens are sequence-major), otherwise a near-equal share."""
+    return rank * num_tokens // size, (rank + 1) * num_tokens // size
+
+
+def folded_output(
+    y_TH, lo: int, gathered_shape, local_shape, tp_group, sequence_parallel: bool
+) -> torch.Tensor:
+    """The layer's output in attention's layout from this TP rank's block of complete outputs
+    (the expert-TP reduce-scatter already summed the FFN shards). Sequence parallel: the block
+    is this rank's chunk. Otherwise every TP rank needs every row: the blocks, zero elsewhere,
+    summed over TP (all-reduce whose backward is the identity, as the unfolded path's)."""
+    tp = group_size(tp_group)
+    if tp == 1:
+        return y_TH.view(gathered_shape)
+    if sequence_parallel:
+        return y_TH.view(local_shape)
+    num_tokens = gathered_shape[0] * gathered_shape[1]
+    full_TH = F.pad(y_TH, (0, 0, lo, num_tokens - lo - y_TH.shape[0]))
+    return scatter_output(full_TH.view(gathered_shape), tp_group, False)

@@ -42,7 +42,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
@@ -67,10 +66,12 @@ from megatron_ext.moe.capacity import (
 )
 from megatron_ext.moe.collectives import (
     copy_to_tp,
+    folded_output,
     gather_tokens,
     group_rank,
     group_size,
     scatter_output,
+    token_block,
 )
 from megatron_ext.moe.dispatcher import (
     DispatchGroups,
@@ -83,7 +84,14 @@ from megatron_ext.moe.experts import GroupedExperts, recomputes
 from megatron_ext.moe.router import TopKRouter, attach_loss
 from megatron_ext.moe.routing import ROUTER_DTYPES, RouterOptions
 
-_STAT_BUFFERS = ("moe_tokens_per_expert", "moe_aux_loss_sum", "moe_z_loss_sum", "moe_microbatches")
+_STAT_BUFFERS = (
+    "moe_tokens_per_expert",
+    "moe_aux_loss_sum",
+    "moe_z_loss_sum",
+    "moe_microbatches",
+    "moe_pairs_routed",
+    "moe_pairs_dropped",
+)
 
 
 def _check_config(config) -> None:
@@ -184,9 +192,8 @@ class SMoELayer(MegatronModule):
         )
         self.register_buffer("moe_aux_loss_sum", torch.zeros((), **zeros), persistent=False)
         self.register_buffer("moe_z_loss_sum", torch.zeros((), **zeros), persistent=False)
-        self.register_buffer(
-            "moe_microbatches", torch.zeros((), dtype=torch.long, **zeros), persistent=False
-        )
+        for name in ("moe_microbatches", "moe_pairs_routed", "moe_pairs_dropped"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long, **zeros), persistent=False)
         # d(training loss)/d(aux + z terms): grad-scaler scale / number of micro-batches; set by
         # the training loop through set_aux_loss_scale() and read at backward time.
         self.register_buffer("aux_loss_scale", torch.ones((), **zeros), persistent=False)
@@ -236,14 +243,16 @@ class SMoELayer(MegatronModule):
         counts_E = None  # the TP group's routed counts (the aux loss and the bias use them)
         if self.groups.folded:  # this TP rank dispatches its block of the routed tokens
             counts_E = expert_counts(torch.sort(ids_TK.reshape(-1)).values, self.num_experts)
-            lo, hi = _token_block(x_TH.shape[0], group_rank(tp_group), tp)
+            lo, hi = token_block(x_TH.shape[0], group_rank(tp_group), tp)
             x_TH, ids_TK, probs_TK = x_TH[lo:hi], ids_TK[lo:hi], probs_TK[lo:hi]
         x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, DispatchGroups.of(self.groups))
         pad_to = capacity if cfg.moe_pad_expert_input_to_capacity else 0
         y_MH = self._run_experts(x_MH, meta, pad_to)
         y_TH = combine(y_MH, probs_TK, meta)
         if self.groups.folded:
-            out = _folded_output(y_TH, lo, x.shape, hidden_states.shape, tp_group, cfg)
+            out = folded_output(
+                y_TH, lo, x.shape, hidden_states.shape, tp_group, cfg.sequence_parallel
+            )
         else:
             out = scatter_output(y_TH.view(x.shape), tp_group, cfg.sequence_parallel)
             counts_E = meta.tokens_per_expert_E
@@ -319,29 +328,13 @@ class SMoELayer(MegatronModule):
                 self.moe_aux_loss_sum += aux.detach().float()
                 self.moe_z_loss_sum += z.detach().float()
                 self.moe_microbatches += 1
+                # (token, choice) pairs of the TP group's tokens: sent to an expert, or dropped
+                # by a capacity (counts_E leaves the dropped pairs out)
+                routed = counts_E.sum()
+                self.moe_pairs_routed += routed
+                self.moe_pairs_dropped += routing.topk_ids_TK.numel() - routed
                 self.router.count_for_bias(counts_E)
         return out
-
-
-def _token_block(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of TP rank ``rank``: with sequence parallel exactly its own chunk of
-    the sequence (tokens are sequence-major), otherwise a near-equal share."""
-    return rank * num_tokens // size, (rank + 1) * num_tokens // size
-
-
-def _folded_output(y_TH, lo: int, gathered_shape, local_shape, tp_group, cfg):
-    """The layer's output in attention's layout from this TP rank's block of complete outputs
-    (the expert-TP reduce-scatter already summed the FFN shards). Sequence parallel: the block
-    is this rank's chunk. Otherwise every TP rank needs every row: the blocks, zero elsewhere,
-    summed over TP (all-reduce whose backward is the identity, as the unfolded path's)."""
-    tp = group_size(tp_group)
-    if tp == 1:
-        return y_TH.view(gathered_shape)
-    if cfg.sequence_parallel:
-        return y_TH.view(local_shape)
-    num_tokens = gathered_shape[0] * gathered_shape[1]
-    full_TH = F.pad(y_TH, (0, 0, lo, num_tokens - lo - y_TH.shape[0]))
-    return scatter_output(full_TH.view(gathered_shape), tp_group, False)
 
 
 def smoe_mlp_spec() -> ModuleSpec:
@@ -363,8 +356,9 @@ def collect_moe_stats(model_or_chunks, reset: bool = True) -> dict:
     ``{layer_number: {"tokens_per_expert": LongTensor[E] (sum over micro-batches and over the
     dispatch's count group: EP, or expert-TP x EP when folded), "aux_loss": 0-d fp32 tensor
     (unscaled load-balancing loss, mean per micro-batch), "z_loss": 0-d fp32 tensor (unscaled
-    z-loss, mean per micro-batch), "num_microbatches": int}}``. Tensors are detached copies on
-    the layer's device.
+    z-loss, mean per micro-batch), "num_microbatches": int, "routed" / "dropped": int (the
+    (token, choice) pairs of this rank's TP group sent to an expert / dropped by a capacity)}}``.
+    Tensors are detached copies on the layer's device.
     """
     stats = {}
     for layer in _layers(model_or_chunks):
@@ -377,6 +371,8 @@ def collect_moe_stats(model_or_chunks, reset: bool = True) -> dict:
             "aux_loss": layer.moe_aux_loss_sum.float() / max(n, 1),
             "z_loss": layer.moe_z_loss_sum.float() / max(n, 1),
             "num_microbatches": n,
+            "routed": int(layer.moe_pairs_routed),
+            "dropped": int(layer.moe_pairs_dropped),
         }
         if reset:
             for name in _STAT_BUFFERS:
