@@ -16,12 +16,13 @@ not credited for experts it did not run.
 from __future__ import annotations
 
 import argparse
+import math
 import re
+import time
 
 import torch
 
 from megatron_ext.model.stack import moe_layer_pattern
-from megatron_ext.observe import figures as figures_mod
 from megatron_ext.observe.load import summarize
 
 
@@ -94,6 +95,7 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
 
 
 MAX_POINTS = 1000  # of the imbalance figure, per layer
+FIGURE_EVERY_S = 60.0  # figures cost ~0.2 s to draw: at most one pair a minute (and the last)
 
 
 class Reporter:
@@ -107,6 +109,7 @@ class Reporter:
         self.flops_per_token = training_flops_per_token(args)
         self.peak = peak_tflops(args)
         self.imbalance: list[tuple[int, dict[int, float]]] = []  # (iteration, layer -> ratio)
+        self.last_figures = -math.inf  # time.monotonic() of the last drawn figures
 
     def log(self, it: int, values: dict, step_time: float, load: dict[int, dict]) -> str:
         a = self.args
@@ -129,6 +132,8 @@ class Reporter:
             sink.flush()
 
     def _write(self, it: int, values: dict, load: dict[int, dict], summary) -> None:
+        from megatron_ext.observe import figures as figures_mod  # matplotlib: the last rank only
+
         scalars = {k.replace(" ", "_"): v for k, v in values.items()}
         figures = {}
         if load:
@@ -140,10 +145,13 @@ class Reporter:
             self.imbalance.append((it, {k: v["max_over_mean"] for k, v in load.items()}))
             if len(self.imbalance) > MAX_POINTS:  # thin by half, keep the first and the last
                 self.imbalance = self.imbalance[:-1:2] + self.imbalance[-1:]
-            figures = {
-                "expert_load/heatmap": figures_mod.load_heatmap(load, it),
-                "expert_load/imbalance": figures_mod.imbalance_figure(self.imbalance),
-            }
+            last = it + self.args.log_interval > self.args.train_iters
+            if last or time.monotonic() - self.last_figures >= FIGURE_EVERY_S:
+                self.last_figures = time.monotonic()
+                figures = {
+                    "expert_load/heatmap": figures_mod.load_heatmap(load, it),
+                    "expert_load/imbalance": figures_mod.imbalance_figure(self.imbalance),
+                }
         for sink in self.sinks:
             for tag, value in scalars.items():
                 sink.scalar(tag, value, it)
@@ -188,6 +196,8 @@ def format_line(it, iters, step_time, values: dict, summary, dropless: bool) -> 
             parts.append(f"lr {v:.2e}")
         elif isinstance(v, int):
             parts.append(f"{k.replace('_', ' ')} {v}")
+        elif k == "grad_norm":  # diagnostics: 4 decimals
+            parts.append(f"grad norm {v:.4f}")
         elif "loss" in k and "scale" not in k:
             parts.append(f"{k} {v:.4f}")
         else:
@@ -209,14 +219,19 @@ def format_line(it, iters, step_time, values: dict, summary, dropless: bool) -> 
 _LINE = {
     "step ms": r"step ([\d,.]+) ms",
     "lm loss": r"lm loss ([\d.]+)",
+    "grad norm": r"grad norm ([\d.]+|nan|inf)",
+    "skipped": r"skipped (\d+)",
+    "loss scale": r"loss scale ([\d,.e+-]+)",
+    "router aux_loss": r"router aux_loss ([\d.]+)",
     "tokens/s": r"([\d,.e+-]+) tokens/s",
     "MFU": r"MFU ([\d.e+-]+)%",
 }
 
 
 def parse_line(line: str) -> dict[str, float]:
-    """The numbers of a :func:`format_line` line: step ms, lm loss, tokens/s, TFLOP/s/device,
-    MFU (a fraction), for scripts that read the log (bench/gpu_check.py)."""
+    """The numbers of a :func:`format_line` line: step ms, lm loss, grad norm, skipped, loss
+    scale, router aux_loss, tokens/s, TFLOP/s/device, MFU (a fraction), for scripts and tests
+    that read the log (bench/gpu_check.py)."""
     out = {}
     for name, pattern in _LINE.items():
         if m := re.search(pattern, line):

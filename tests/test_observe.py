@@ -7,7 +7,9 @@ by wrapping the router."""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -285,10 +287,20 @@ def test_report_opens_in_headless_chromium(report, tmp_path):
 
 
 # ------------------------------------------------------------------------------ W&B, offline
-def _wandb_run(argv, save_dir):
-    import os
+WANDB_SITE = os.path.join(sys.prefix, "wandb-site")  # tests/install_wandb.sh
 
+
+def _with_wandb():
+    """wandb from tests/install_wandb.sh's folder, after the venv's own packages."""
+    if not os.path.isdir(WANDB_SITE):
+        pytest.skip("wandb not installed: bash tests/install_wandb.sh (tests/run.sh runs it)")
+    if WANDB_SITE not in sys.path:
+        sys.path.append(WANDB_SITE)
+
+
+def _wandb_run(argv, save_dir):
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    sys.path.append(WANDB_SITE)
     import pretrain_mixtral
 
     pretrain_mixtral.run(argv)
@@ -325,6 +337,7 @@ def _wandb_keys(save_dir) -> tuple[set[str], list[int]]:
 
 
 def test_wandb_offline_run_logs_the_tensorboard_names(tmp_path):
+    _with_wandb()
     tb, wb = tmp_path / "tb", tmp_path / "wb"
     argv = (f"{RUN} --tensorboard-dir {tb} --wandb-project mixtral-tests "
             f"--wandb-exp-name offline --wandb-save-dir {wb}").split()  # fmt: skip
@@ -347,12 +360,17 @@ def test_wandb_offline_run_logs_the_tensorboard_names(tmp_path):
          "--wandb-project needs --wandb-save-dir, or --save (it defaults to <--save>/wandb)"),
     ],
 )  # fmt: skip
-def test_wandb_flags_are_checked_before_anything_runs(flags, message):
+def test_wandb_flags_are_checked_before_anything_runs(flags, message, monkeypatch):
     from megatron_ext.arguments import parse_args
     from megatron_ext.errors import UsageError
 
+    _with_wandb()
     with pytest.raises(UsageError, match=re.escape(message)):
         parse_args(f"--model tiny --cpu --mock-data --train-iters 1 {flags}".split(), 1)
     args = parse_args(f"--model tiny --cpu --mock-data --train-iters 1 {flags} --save /s "
                       "--wandb-exp-name e".split(), 1)  # fmt: skip
     assert args.wandb_save_dir == "/s/wandb"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(UsageError, match=r"the wandb package is not installed \(pip install"):
+        parse_args(f"--model tiny --cpu --mock-data --train-iters 1 {flags} --save /s "
+                   "--wandb-exp-name e".split(), 1)  # fmt: skip

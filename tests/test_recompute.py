@@ -38,9 +38,10 @@ def _run(argv):
     with contextlib.redirect_stdout(out):
         history = pretrain_mixtral.run(argv)
     # gradient norms, and the router's aux loss of the step: routing statistics counted once
-    text = out.getvalue()
-    norms = [float(x) for x in re.findall(r"grad_norm ([0-9.]+)", text)]
-    norms += [float(x) for x in re.findall(r"router aux_loss ([0-9.]+)", text)]
+    from megatron_ext.metrics import parse_line
+
+    rows = [parse_line(x) for x in out.getvalue().splitlines() if x.startswith("iter ")]
+    norms = [r["grad norm"] for r in rows] + [r["router aux_loss"] for r in rows]
     return list(history), norms
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from megatron_ext import checkpointing
 from megatron_ext.checkpointing import checksums
+from megatron_ext.metrics import parse_line
 from megatron_ext.multirank import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,9 +329,9 @@ def test_fp16_dynamic_loss_scale_skips_overflowing_steps():
     results = run(f"{MOCK.replace('--train-iters 2', '--train-iters 30')} --fp16", world=1)
     code, err, out = results[0]
     assert code == 0, err[-3000:]
-    rows = [x for x in out.splitlines() if x.startswith("iter ")]
-    skipped = [int(x.split("| skipped ")[1].split()[0]) for x in rows]
-    scale = [float(x.split("| loss scale ")[1].split()[0]) for x in rows]
+    rows = [parse_line(x) for x in out.splitlines() if x.startswith("iter ")]
+    skipped = [r["skipped"] for r in rows]
+    scale = [r["loss scale"] for r in rows]
     assert skipped[0] == 1 and 1 < skipped[-1] < 30  # overflowed at first, then trained
     assert skipped[-1] == skipped[-5] and scale[-1] < 2.0**32  # the last steps went through
 

@@ -3,8 +3,6 @@ it off): weight gradients are added straight into DDP's main_grad, by Megatron-C
 layers (through fallback_kernels.WgradAccumulation where apex is absent) and by our experts.
 The gradients must be exactly what autograd plus DDP's hook would have accumulated."""
 
-import re
-
 import pytest
 import torch
 
@@ -92,8 +90,10 @@ def _run(argv):
 
 
 def _losses_and_norms(text):
-    pattern = r"lm loss ([0-9.]+) .*?grad_norm ([0-9.]+)"
-    return [tuple(map(float, m)) for m in re.findall(pattern, text)]
+    from megatron_ext.metrics import parse_line
+
+    rows = [parse_line(x) for x in text.splitlines() if x.startswith("iter ")]
+    return [(r["lm loss"], r["grad norm"]) for r in rows]
 
 
 def test_training_with_and_without_the_fusion_is_the_same():

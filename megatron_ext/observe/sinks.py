@@ -15,7 +15,6 @@ import os
 import numpy as np
 
 from megatron_ext.errors import UsageError
-from megatron_ext.observe.figures import png_bytes
 
 
 class TensorBoardSink:
@@ -83,6 +82,8 @@ class WandbSink:
 
     def figure(self, tag: str, fig, step: int) -> None:
         from PIL import Image
+
+        from megatron_ext.observe.figures import png_bytes
 
         self._put(tag, self.wandb.Image(Image.open(io.BytesIO(png_bytes(fig)))), step)
 
