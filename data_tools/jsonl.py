@@ -1,4 +1,9 @@
-"""JSONL input: opening (plain, ``.gz``, ``-`` for stdin), validation, batching.
+"""JSONL input: opening (plain, gzip, zstd, ``-`` for stdin), validation, batching.
+
+Compression is recognised by the file's first bytes, whatever its name (``.gz``; ``.zst`` /
+``.zstd``, several concatenated frames read as one stream). Damaged compressed data (a
+truncated gzip member, a corrupt zstd frame) stops the run with one error naming the file and
+how far it was read; the lines before it have been processed.
 
 Lines are split at ``\\n`` (a ``\\r\\n`` ending is fine: JSON ignores the ``\\r``). Line numbers
 are 1-based and count every physical line of the (decompressed) input. A UTF-8 byte-order mark
@@ -53,8 +58,27 @@ class BadLine(Exception):
         super().__init__(f"{where}:{line}: {reason}" + (f" ({detail})" if detail else ""))
 
 
+class CorruptInput(ValueError):
+    """Compressed input that cannot be decompressed any further."""
+
+
+_GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+
+
+def _decompressor(raw, magic: bytes):
+    """(stream, kind, errors it raises on damaged data) for a file starting with ``magic``."""
+    if magic.startswith(_GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=raw, mode="rb"), "gzip", (EOFError, OSError, zlib.error)
+    if magic.startswith(_ZSTD_MAGIC):
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return reader, "zstd", (zstandard.ZstdError, EOFError, OSError)
+    return raw, None, (OSError,)
+
+
 class InputSource:
-    """Binary reader over a JSONL file, a ``.gz`` file or stdin.
+    """Binary reader over a JSONL file (plain, gzip or zstd) or stdin.
 
     ``offset`` counts decompressed bytes returned so far; ``position()`` is the raw (possibly
     compressed) position used for progress, and ``total`` the raw size when known.
@@ -68,13 +92,14 @@ class InputSource:
             self.stream = self.raw
             self.total = None
             self.seekable = False
+            self.kind, self.errors = None, (OSError,)
             return
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--input: no such file: {path}")
         self.raw = open(path, "rb")
         with open(path, "rb") as probe:
-            gz = probe.read(2) == b"\x1f\x8b"
-        self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb") if gz else self.raw
+            magic = probe.read(4)
+        self.stream, self.kind, self.errors = _decompressor(self.raw, magic)
         self.total = os.path.getsize(path)
         self.seekable = True
 
@@ -82,13 +107,21 @@ class InputSource:
         return self.raw.tell() if self.seekable else self.offset
 
     def read(self, n: int) -> bytes:
-        data = self.stream.read(n)
+        try:
+            data = self.stream.read(n)
+        except self.errors as e:
+            if self.kind is None:
+                raise
+            raise CorruptInput(
+                f"{self.path}: damaged {self.kind} data at or after byte {self.offset:,} of "
+                f"its text ({type(e).__name__}: {e})"
+            ) from None
         self.offset += len(data)
         return data
 
     def skip_to(self, offset: int) -> int:
         """Move to decompressed ``offset``; returns crc32 of the bytes skipped (stdin only)."""
-        if self.seekable:
+        if self.seekable:  # gzip and zstd readers seek forward by decompressing
             self.stream.seek(offset)
             self.offset = offset
             return -1

@@ -49,7 +49,9 @@ def output_paths(prefix: str, key: str) -> tuple[str, str]:
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("Megatron-LM tools/preprocess_data.py flags")
-    g.add_argument("--input", required=True, help="JSONL file, .gz file, or - for stdin")
+    g.add_argument(
+        "--input", required=True, help="JSONL file (plain, gzip or zstd), or - for stdin"
+    )
     g.add_argument("--output-prefix", required=True, help="outputs: PREFIX_KEY_document.bin/.idx")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)

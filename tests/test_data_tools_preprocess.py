@@ -179,6 +179,40 @@ def test_gzip_and_stdin_inputs(tmp_path: Path):
     assert file_bytes(str(tmp_path / "stdin")) == ref
 
 
+def test_zstd_input_of_several_frames_gives_the_same_bytes(tmp_path: Path):
+    """``.jsonl.zst`` (SlimPajama, RedPajama): recognised by its magic bytes, several
+    concatenated frames read as one stream; the output equals the plain JSONL run's."""
+    import zstandard
+
+    corpus = first_docs(sample_corpus(1.0), 10)
+    data = Path(corpus).read_bytes()
+    cut = data.index(b"\n", len(data) // 3) + 1  # frames need not end at a line boundary
+    frames = [zstandard.ZstdCompressor(level=3).compress(part) for part in (data[:cut], data[cut:])]
+    zst = tmp_path / "in.jsonl.zst"
+    zst.write_bytes(b"".join(frames))
+    cli(*preprocess_args(corpus, str(tmp_path / "plain"), None, "--append-eod"))
+    cli(*preprocess_args(str(zst), str(tmp_path / "zst"), None, "--append-eod"))
+    assert file_bytes(str(tmp_path / "zst")) == file_bytes(str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_damaged_compressed_input_is_one_error_naming_the_file(tmp_path: Path, kind: str):
+    """A truncated gzip member or a corrupt zstd frame: one line naming the file and the
+    decompression error, exit 1, no traceback, no hang."""
+    import zstandard
+
+    data = b"".join(b'{"text": "line %d of a damaged file"}\n' % i for i in range(20000))
+    packed = gzip.compress(data) if kind == "gzip" else zstandard.ZstdCompressor().compress(data)
+    bad = tmp_path / f"in.jsonl.{'gz' if kind == 'gzip' else 'zst'}"
+    tail = b"" if kind == "gzip" else bytes(range(256)) * 8  # truncated / overwritten
+    bad.write_bytes(packed[: len(packed) // 2] + tail)
+    p = cli(*preprocess_args(str(bad), str(tmp_path / "o")), check=False)
+    assert p.returncode == 1, p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if "error" in x]
+    assert line.startswith(f"data-tools preprocess: error: {bad}: damaged {kind} data at or after")
+    assert "Traceback" not in p.stderr
+
+
 def test_gpt_dataset_reads_output(tmp_path: Path):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
