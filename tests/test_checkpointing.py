@@ -201,60 +201,51 @@ def test_term_to_every_process_after_a_save_still_saves(tmp_path):
 
 # ---------------------------------------------------------------------------- resharding
 PP2_EP2 = "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2"
+DISTOPT = "--use-distributed-optimizer"
+
+
+def _reshards(tmp_path, world: int, saved_at: str, continued_at: list[tuple[int, str]]):
+    """2N steps at ``saved_at`` (checkpoint at N); from it, N steps at each of
+    ``continued_at`` ((world, flags)) give the same losses as the uninterrupted run."""
+    save = str(tmp_path / "ckpt")
+    reference = run(
+        world, COMMON, saved_at, f"--train-iters {2 * N} --save {save} --save-interval {N}"
+    )
+    resume = f"--train-iters {2 * N} --load {checkpointing.iteration_dir(save, N)}"
+    for w, flags in continued_at:
+        assert run(w, COMMON, resume, flags) == pytest.approx(reference[N:], rel=1e-5), flags
 
 
 def test_reshard_pp2_dp2_ep2_to_tp2_and_one_rank(tmp_path):
     """PP2 x DP2 x EP2 -> TP2 x DP1 and one rank (the distributed optimizer throughout)."""
-    save = str(tmp_path / "ckpt")
-    reference = run(
+    _reshards(
+        tmp_path,
         4,
-        COMMON,
-        PP2_EP2,
-        f"--use-distributed-optimizer --train-iters {2 * N}",
-        f"--save {save} --save-interval {N}",
+        f"{PP2_EP2} {DISTOPT}",
+        [(2, f"{DISTOPT} --tensor-model-parallel-size 2"), (1, DISTOPT)],
     )
-    at_n = checkpointing.iteration_dir(save, N)
-    resume = f"--train-iters {2 * N} --load {at_n} --use-distributed-optimizer"
-    tp2 = run(2, COMMON, resume, "--tensor-model-parallel-size 2")
-    assert tp2 == pytest.approx(reference[N:], rel=1e-5)
-    one = run(1, COMMON, resume)
-    assert one == pytest.approx(reference[N:], rel=1e-5)
 
 
 @pytest.mark.slow
 def test_reshard_tp2_pp2_ep2_to_one_rank_and_ep4(tmp_path):
-    save = str(tmp_path / "ckpt")
-    reference = run(
+    _reshards(
+        tmp_path,
         8,
-        COMMON,
-        PP2_EP2,
-        "--tensor-model-parallel-size 2 --use-distributed-optimizer",
-        f"--train-iters {2 * N} --save {save} --save-interval {N}",
+        f"{PP2_EP2} --tensor-model-parallel-size 2 {DISTOPT}",
+        [(1, DISTOPT), (4, f"--expert-model-parallel-size 4 {DISTOPT}")],
     )
-    resume = f"--train-iters {2 * N} --load {checkpointing.iteration_dir(save, N)}"
-    one = run(1, COMMON, resume, "--use-distributed-optimizer")
-    assert one == pytest.approx(reference[N:], rel=1e-5)
-    ep4 = run(4, COMMON, resume, "--expert-model-parallel-size 4 --use-distributed-optimizer")
-    assert ep4 == pytest.approx(reference[N:], rel=1e-5)
 
 
 def test_reshard_folded_tp2_etp1_ep4_to_tp1_ep2_and_one_rank(tmp_path):
     """Saved with MoE parallel folding (TP2 x expert-TP1 x EP4, the EP groups across the TP
     groups), continued at TP1 x EP2 x DP2 and at one rank: the same losses."""
-    save = str(tmp_path / "ckpt")
-    folded = "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
-    reference = run(
+    _reshards(
+        tmp_path,
         4,
-        COMMON,
-        folded,
-        "--expert-model-parallel-size 4 --sequence-parallel --use-distributed-optimizer",
-        f"--train-iters {2 * N} --save {save} --save-interval {N}",
+        "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1"
+        f" --expert-model-parallel-size 4 --sequence-parallel {DISTOPT}",
+        [(2, f"--expert-model-parallel-size 2 {DISTOPT}"), (1, DISTOPT)],
     )
-    resume = f"--train-iters {2 * N} --load {checkpointing.iteration_dir(save, N)}"
-    ep2 = run(2, COMMON, resume, "--expert-model-parallel-size 2 --use-distributed-optimizer")
-    assert ep2 == pytest.approx(reference[N:], rel=1e-5)
-    one = run(1, COMMON, resume, "--use-distributed-optimizer")
-    assert one == pytest.approx(reference[N:], rel=1e-5)
 
 
 # ------------------------------------------------------------------- flags, one rank each

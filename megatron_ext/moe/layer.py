@@ -163,6 +163,7 @@ class SMoELayer(MegatronModule):
         super().__init__(config)
         _check_config(config)
         self.groups = MoEGroups.from_parallel_state(pg_collection)
+        self.dispatch_groups = DispatchGroups.of(self.groups)
         self.layer_number = layer_number
         self.num_experts, self.topk = config.num_moe_experts, config.moe_router_topk
         cpu = config.use_cpu_initialization or not torch.cuda.is_available()
@@ -245,7 +246,7 @@ class SMoELayer(MegatronModule):
             counts_E = expert_counts(torch.sort(ids_TK.reshape(-1)).values, self.num_experts)
             lo, hi = token_block(x_TH.shape[0], group_rank(tp_group), tp)
             x_TH, ids_TK, probs_TK = x_TH[lo:hi], ids_TK[lo:hi], probs_TK[lo:hi]
-        x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, DispatchGroups.of(self.groups))
+        x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, self.dispatch_groups)
         pad_to = capacity if cfg.moe_pad_expert_input_to_capacity else 0
         y_MH = self._run_experts(x_MH, meta, pad_to)
         y_TH = combine(y_MH, probs_TK, meta)

@@ -77,7 +77,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from megatron_ext.layout import recompute_modules
-from megatron_ext.plan.params import expert_tp, padded_vocab
+from megatron_ext.plan.params import dispatched, expert_tp, padded_vocab
 
 
 def _p(args) -> int:
@@ -107,8 +107,8 @@ def layer_terms(args: argparse.Namespace, imbalance: float = 1.0) -> dict[str, f
     heads = args.num_attention_heads // t
     te = args.transformer_impl == "transformer_engine"
     et = expert_tp(args)
-    sent = tokens // t if et != t else tokens  # folded: this TP rank dispatches its block
-    rows = sent * k * (et if et != t else 1) * imbalance
+    sent, rows = dispatched(args, tokens)
+    rows *= imbalance
     norm = (1 if te else 2) * t_sp * h * p + 4 * t_sp
     terms = {
         "attention norm": norm,

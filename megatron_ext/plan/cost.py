@@ -60,6 +60,7 @@ from megatron_ext.plan.memory import static_memory
 from megatron_ext.plan.params import (
     BYTES,
     ddp_buffers,
+    dispatched,
     expert_dp,
     expert_tp,
     padded_vocab,
@@ -109,7 +110,7 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     d = h // args.num_attention_heads
     q, kv = args.num_attention_heads * d, args.num_query_groups * d
     tokens, p = s * b, _act_bytes(args)
-    sent = tokens / t if folded else tokens  # tokens this rank dispatches
+    sent, rows = dispatched(args, tokens)  # tokens this rank dispatches, rows its experts get
     layers = args.num_layers // args.pipeline_model_parallel_size
     peak = hw.peak_tflops * 1e12 * EFFICIENCY
 
@@ -117,7 +118,7 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     attn_core = 2 * tokens * s * q / t
     router = 2 * tokens * h * e
     experts = 6 * tokens * h * f * k / t * imbalance
-    rows_per_expert = sent * k * (et if folded else 1) * ep / e
+    rows_per_expert = rows * ep / e
     attention_s = attn_gemm / (peak * _shape(min(tokens, (q + 2 * kv) / t, h))) + attn_core / (
         peak * _shape(min(s, d))
     )
@@ -173,7 +174,7 @@ def _stage_microbatch(args, hw: Hardware, pp_rank: int, recompute: bool, imbalan
     if "moe" in mods:
         extra = {"compute": n_moe * (moe_s - attention_s), "EP all-to-all": ep_f / 2}
     elif "moe_act" in mods:
-        swiglu_bytes = rows_per_expert * e / ep * imbalance * 4 * f / et * p
+        swiglu_bytes = rows * imbalance * 4 * f / et * p
         extra = {"memory-bound": n_moe * swiglu_bytes / (hw.hbm_gbps * 1e9)}
     for part, seconds in extra.items():
         parts[part] += seconds

@@ -71,6 +71,18 @@ def expert_dp(args: argparse.Namespace) -> int:
     return tp * args.data_parallel_size // (expert_tp(args) * ep)
 
 
+def dispatched(args: argparse.Namespace, tokens: int) -> tuple[int, int]:
+    """Per micro-batch of ``tokens``: (T_d, rows) = the tokens one rank dispatches (all of them,
+    or with MoE parallel folding, expert-TP apart from TP, its TP block T/TP) and the (token,
+    choice) rows reaching its experts on average (T_d x K, all-gathered over expert-TP when
+    folded), before any imbalance."""
+    t, et, k = args.tensor_model_parallel_size, expert_tp(args), args.moe_router_topk
+    if et == t:
+        return tokens, tokens * k
+    sent = tokens // t
+    return sent, sent * k * et
+
+
 def param_dtype(args: argparse.Namespace) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
