@@ -67,10 +67,22 @@ def _config(a, **kw):
 
 
 def ours(a):
+    """Our layer as the training loop runs it (``--main-grad``, the default): Megatron's DDP
+    gives every parameter an fp32 ``main_grad`` that the weight-gradient GEMMs add into
+    (gradient accumulation fusion, Megatron-LM's default; ``fallback_kernels`` without apex),
+    zeroed before every step (DDP's ``zero_grad_buffer``; outside the timed step, like every
+    contender's ``zero_grad``).
+    ``--no-main-grad``: plain autograd ``.grad`` tensors, allocated at every step."""
+    from megatron_ext import fallback_kernels
     from megatron_ext.moe import SMoELayer
 
-    shared = dict(moe_shared_expert_intermediate_size=a.shared_ffn) if a.shared_ffn else {}
-    layer = SMoELayer(_config(a, **shared)).to(a.device)
+    kw = dict(moe_shared_expert_intermediate_size=a.shared_ffn) if a.shared_ffn else {}
+    if a.main_grad:
+        kw["gradient_accumulation_fusion"] = fallback_kernels.use_wgrad_accumulation()
+    layer = SMoELayer(_config(a, **kw)).to(a.device)
+    if a.main_grad:
+        for p in layer.parameters():
+            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
     return layer, lambda x: layer(x.view(-1, 1, a.hidden))[0]
 
 
@@ -325,6 +337,11 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--main-grad", action=argparse.BooleanOptionalAction, default=True,
+        help="ours with DDP-style fp32 main_grad buffers and fused weight-gradient accumulation "
+        "(as in training); --no-main-grad: plain autograd grads",
+    )  # fmt: skip
     p.add_argument("--only", nargs="*", choices=sorted(CONTENDERS), help="subset to run")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -348,6 +365,9 @@ def main(argv=None):
             module, fn = runs[name]
             if module is not None:
                 module.zero_grad(set_to_none=True)
+                for p in module.parameters():  # DDP's zero_grad_buffer (ours, --main-grad)
+                    if hasattr(p, "main_grad"):
+                        p.main_grad.zero_()
             if a.device != "cpu":
                 torch.cuda.synchronize()
             w0, c0 = time.perf_counter(), time.process_time()

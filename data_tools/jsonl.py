@@ -19,6 +19,7 @@ A line is *skipped*, and counted under its reason, when it
 ``missing_key``    lacks one of ``--json-keys``
 ``not_string``     holds a value that is neither a string nor a list of strings under a key
 ``invalid_text``   holds a string with a lone surrogate (``"\\ud800"``), which has no UTF-8 form
+``null_value``     (Parquet rows, ``parquet.py``) holds a null under a key
 =================  ==========================================================================
 
 A list of strings is taken, as Megatron-LM does, as a document already split into sentences:
@@ -43,6 +44,7 @@ REASONS = (
     "missing_key",
     "not_string",
     "invalid_text",
+    "null_value",
 )
 FIRST_LINES_KEPT = 5  # line numbers remembered per skip reason
 BLOCK = 4 << 20
@@ -82,11 +84,17 @@ class InputSource:
 
     ``offset`` counts decompressed bytes returned so far; ``position()`` is the raw (possibly
     compressed) position used for progress, and ``total`` the raw size when known.
+
+    ``lo``/``hi`` (plain files only, ``inputs.Unit``): read only the lines whose first byte is
+    in ``[lo, hi)``: from the first line start at or after ``lo`` to the end of the line that
+    holds byte ``hi - 1``. ``offset`` is then the position in the file, and ``start_line()``
+    the number of lines before the first one read.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, lo: int = 0, hi: int | None = None):
         self.path = path
         self.offset = 0
+        self.end = None
         if path == "-":
             self.raw = sys.stdin.buffer
             self.stream = self.raw
@@ -102,11 +110,40 @@ class InputSource:
         self.stream, self.kind, self.errors = _decompressor(self.raw, magic)
         self.total = os.path.getsize(path)
         self.seekable = True
+        if lo or hi is not None:
+            assert self.kind is None, "byte ranges of compressed input"
+            self.offset = self._line_end(lo - 1) if lo else 0
+            self.end = max(self.offset, self._line_end(hi - 1) if hi else self.total)
+            self.raw.seek(self.offset)
+
+    def _line_end(self, at: int) -> int:
+        """The position after the first newline at or after byte ``at`` (or the file size)."""
+        self.raw.seek(at)
+        while block := self.raw.read(1 << 16):
+            i = block.find(b"\n")
+            if i >= 0:
+                return at + i + 1
+            at += len(block)
+        return self.total
+
+    def start_line(self) -> int:
+        """Lines (newlines) before ``offset``: the line number the next line follows."""
+        count, pos = 0, 0
+        with open(self.path, "rb") as f:
+            while pos < self.offset:
+                block = f.read(min(BLOCK, self.offset - pos))
+                count += block.count(b"\n")
+                pos += len(block)
+        return count
 
     def position(self) -> int:
         return self.raw.tell() if self.seekable else self.offset
 
     def read(self, n: int) -> bytes:
+        if self.end is not None:
+            n = min(n, self.end - self.offset)
+            if n <= 0:
+                return b""
         try:
             data = self.stream.read(n)
         except self.errors as e:

@@ -23,8 +23,19 @@ from .resume import fsync_dir
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--inputs", nargs="+", required=True, help="dataset prefixes (no .bin/.idx)")
-    p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--inputs", nargs="+", help="dataset prefixes (no .bin/.idx)")
+    what.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="the N outputs of `preprocess --shard I/N --output-prefix P`: merges "
+        "P-0000I-of-0000N_KEY_document, I = 0..N-1, into P_KEY_document for each --json-keys key",
+    )
+    p.add_argument(
+        "--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx (--shards: P)"
+    )
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="with --shards")
 
 
 def _chunks(array: np.ndarray):
@@ -80,12 +91,49 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
     return {"documents": n_doc, "sequences": n_seq, "dtype": readers[0].dtype.name}
 
 
+def shard_inputs(prefix: str, count: int, key: str) -> list[str]:
+    """The datasets of ``preprocess --shard I/count`` for ``key``, in shard order; a missing
+    or unfinished shard stops the merge, naming them all."""
+    from .inputs import Shard
+    from .preprocess import output_paths
+    from .resume import PartialRun
+
+    if count < 1:
+        raise UsageError(f"--shards must be at least 1, not {count}")
+    names, missing = [], []
+    for i in range(count):
+        part = prefix + Shard(i, count).suffix()
+        names.append(output_paths(part, key)[0][: -len(".bin")])
+        if os.path.exists(PartialRun.folder(part)) or not all(
+            map(os.path.exists, output_paths(part, key))
+        ):
+            missing.append(str(i))
+    if missing:
+        raise UsageError(
+            f"--shards {count}: shard(s) {', '.join(missing)} of {prefix} are missing or "
+            f"unfinished ({names[int(missing[0])]}.bin/.idx): did every task finish?"
+        )
+    return names
+
+
 def run(args) -> dict:
-    stats = merge(args.inputs, args.output_prefix)
-    print(
-        f"data-tools merge: {len(args.inputs)} datasets -> {args.output_prefix}.bin/.idx "
-        f"({stats['documents']:,} documents, {stats['sequences']:,} sequences, "
-        f"{stats['dtype']})",
-        file=sys.stderr,
-    )
+    jobs = [(args.inputs, args.output_prefix)] if args.inputs else []
+    if args.shards is not None:
+        from .preprocess import output_paths
+
+        jobs = [
+            (
+                shard_inputs(args.output_prefix, args.shards, key),
+                output_paths(args.output_prefix, key)[0][: -len(".bin")],
+            )
+            for key in args.json_keys
+        ]
+    for inputs, output in jobs:
+        stats = merge(inputs, output)
+        print(
+            f"data-tools merge: {len(inputs)} datasets -> {output}.bin/.idx "
+            f"({stats['documents']:,} documents, {stats['sequences']:,} sequences, "
+            f"{stats['dtype']})",
+            file=sys.stderr,
+        )
     return stats

@@ -1,4 +1,4 @@
-"""``preprocess``: JSONL -> Megatron indexed dataset, byte-identical to Megatron-LM.
+"""``preprocess``: JSONL / Parquet -> Megatron indexed dataset, byte-identical to Megatron-LM.
 
 For every ``--json-keys`` key ``K`` it writes ``{output_prefix}_{K}_document.bin/.idx``, the
 files Megatron-LM's ``tools/preprocess_data.py`` (commit d98e8a6) writes for the same input,
@@ -11,10 +11,15 @@ Where Megatron-LM hangs or crashes (bad lines, see ``jsonl.py``), lines are skip
 Documents with no token under every key are dropped and counted (Megatron writes them as
 documents of zero sequences: ``--keep-empty`` does the same).
 
+``--input`` takes files, globs and folders of JSONL (plain, gzip, zstd) and Parquet, and ``-``
+(stdin), read one after the other in the order ``inputs.expand`` gives; ``--shard I/N`` reads
+this process's share of them (``inputs.shard_units``) into ``PREFIX-0000I-of-0000N_*``, and
+``merge`` of the N shards in order equals one run over all inputs.
+
 Pipeline (threads, memory independent of corpus size): a reader thread parses ~``--batch-mb``
 of documents at a time; an encoder thread tokenizes a batch with ``--workers`` native threads
 (SentencePiece/HF release the GIL); the main thread appends to the partial files and
-checkpoints (``resume.py``).
+checkpoints (``resume.py``) which input unit it is in and how far.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import time
 
 import numpy as np
 
+from . import parquet
 from .indexed_writer import StreamingWriter, optimal_dtype
-from .jsonl import BadLine, InputSource, read_batches
+from .inputs import InputError, Shard, Unit, expand, shard_units
+from .jsonl import BadLine, CorruptInput, InputSource, read_batches
 from .progress import Progress, format_summary
-from .resume import PartialRun, ResumeMismatch, kill_point
+from .resume import PartialRun, ResumeMismatch, finished_run, kill_point
 from .tokenizers import TOKENIZER_TYPES, build_tokenizer, file_digest
 
 _END = object()
@@ -50,7 +57,10 @@ def output_paths(prefix: str, key: str) -> tuple[str, str]:
 def add_arguments(p) -> None:
     g = p.add_argument_group("Megatron-LM tools/preprocess_data.py flags")
     g.add_argument(
-        "--input", required=True, help="JSONL file (plain, gzip or zstd), or - for stdin"
+        "--input",
+        required=True,
+        nargs="+",
+        help="JSONL (plain, gzip, zstd) or Parquet files, globs, folders (recursive), - for stdin",
     )
     g.add_argument("--output-prefix", required=True, help="outputs: PREFIX_KEY_document.bin/.idx")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize")
@@ -75,6 +85,18 @@ def add_arguments(p) -> None:
     g.add_argument("--split-sentences", action="store_true", help="not supported (rejected)")
     g.add_argument("--find-optimal-num-workers", action="store_true", help="not supported")
     o = p.add_argument_group("data-tools flags")
+    o.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="only shard I of N (0 <= I < N) of the inputs; writes PREFIX-0000I-of-0000N_*",
+    )
+    o.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the flags and inputs (Parquet footers, key columns), print what this run or "
+        "shard would read, and stop",
+    )
     o.add_argument("--strict", action="store_true", help="stop at the first bad line")
     o.add_argument("--keep-empty", action="store_true", help="keep empty documents (Megatron)")
     o.add_argument("--overwrite", action="store_true", help="discard an incompatible partial run")
@@ -100,8 +122,6 @@ def _validate(args) -> None:
             "--partitions must be 1: one stream already uses all --workers threads, and "
             "Megatron-LM's partitions > 1 also reorder documents round-robin"
         )
-    if args.input != "-" and not os.path.isfile(args.input):
-        raise UsageError(f"--input: no such file: {args.input}")
     if not os.path.exists(args.tokenizer_model):
         raise UsageError(f"--tokenizer-model: no such file or folder: {args.tokenizer_model}")
     if len(set(args.json_keys)) != len(args.json_keys):
@@ -114,6 +134,21 @@ def _validate(args) -> None:
         for flag in ("vocab_file", "merge_file"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies to HuggingFaceTokenizer only")
+
+
+def plan_inputs(args) -> tuple[list[Unit], Shard | None]:
+    """This run's input units (``inputs.py``); every Parquet file's footer and key columns are
+    checked here, before any work."""
+    try:
+        shard = Shard.parse(args.shard) if args.shard else None
+        files = expand(args.input)
+        for f in files:
+            if f.kind == "parquet":
+                parquet.check_columns(f.path, list(args.json_keys))
+        units = shard_units(files, shard, lambda f: parquet.row_group_extents(f.path))
+    except (InputError, CorruptInput) as e:
+        raise UsageError(str(e)) from None
+    return units, shard
 
 
 def _threaded(items, depth: int, stop: threading.Event):
@@ -192,9 +227,10 @@ def assemble(tok, batch, dtype, append_eod: bool, keep_empty: bool):
     return out, int(keep_doc.sum()), int(n - nonempty.sum())
 
 
-def _fingerprint(args, tok, dtype) -> dict:
-    fp = {
-        "input": "-" if args.input == "-" else os.path.abspath(args.input),
+def _fingerprint(args, tok, dtype, units, shard) -> dict:
+    return {
+        "inputs": [[os.path.abspath(u.file.path), *u.describe()[1:]] for u in units],
+        "shard": [shard.index, shard.count] if shard else None,
         "tokenizer_type": args.tokenizer_type,
         "tokenizer_sha256": file_digest(args.tokenizer_model),
         "json_keys": list(args.json_keys),
@@ -208,10 +244,6 @@ def _fingerprint(args, tok, dtype) -> dict:
             args.tokenizer_hf_no_include_special_tokens,
         ],
     }
-    if args.input != "-":
-        st = os.stat(args.input)
-        fp["input_size"], fp["input_mtime_ns"] = st.st_size, st.st_mtime_ns
-    return fp
 
 
 def _new_stats(args) -> dict:
@@ -221,6 +253,7 @@ def _new_stats(args) -> dict:
         "lines": 0,
         "input_bytes": 0,
         "empty": 0,
+        "kinds": {},  # input kind -> {"files", "bytes", "documents", "tokens"}
         "skipped": {},
         "seconds": 0.0,
         "resumes": 0,
@@ -232,6 +265,10 @@ def _new_stats(args) -> dict:
 def run(args) -> dict:
     """Run ``preprocess``; returns the closing stats (also printed, and saved as JSON)."""
     _validate(args)
+    units, shard = plan_inputs(args)
+    prefix = args.output_prefix + (shard.suffix() if shard else "")
+    if args.dry_run:
+        return _print_plan(units, shard, prefix, list(args.json_keys))
     t_start = time.monotonic()
     workers = args.workers or len(os.sched_getaffinity(0))
     tok = build_tokenizer(
@@ -255,32 +292,38 @@ def run(args) -> dict:
         raise UsageError(f"--append-eod: tokenizer {args.tokenizer_model} has no EOS/EOD token")
     dtype = optimal_dtype(tok.vocab_size)
     keys = list(args.json_keys)
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    out_dir = os.path.dirname(os.path.abspath(prefix))
     if not os.path.isdir(out_dir):
         os.makedirs(out_dir)
         print(f"data-tools: created output folder {out_dir}", file=sys.stderr)
+    finals = {k: output_paths(prefix, k) for k in keys}
+    fingerprint = _fingerprint(args, tok, dtype, units, shard)
+    outputs = [p for k in keys for p in finals[k]]
+    done = finished_run(prefix, fingerprint, outputs) if shard and not args.overwrite else None
+    if done is not None:  # a requeued array task whose shard had finished: nothing to redo
+        print(f"data-tools: shard {args.shard} already done: {', '.join(outputs)}", file=sys.stderr)
+        return dict(done, already_done=True)
     try:
-        part = PartialRun(args.output_prefix, _fingerprint(args, tok, dtype), args.overwrite)
+        part = PartialRun(prefix, fingerprint, args.overwrite)
     except ResumeMismatch as e:
         raise UsageError(str(e)) from None
     state = part.state or {
         "phase": "encode",
-        "input": {"offset": 0, "line": 0, "crc": 0, "done": False},
+        "input": _unit_start(0),
         "outputs": {k: None for k in keys},
         "stats": _new_stats(args),
     }
     stats = state["stats"]
     if part.resumed:
         stats["resumes"] += 1
-        print(
-            f"data-tools: resuming {args.output_prefix} at input line {state['input']['line']}"
-            f" (byte {state['input']['offset']:,})",
-            file=sys.stderr,
-        )
-    finals = {k: output_paths(args.output_prefix, k) for k in keys}
+        inp = state["input"]
+        where = f"input {inp['unit'] + 1} of {len(units)}" if len(units) > 1 else "the input"
+        if inp["offset"] is not None:
+            where += f" at line/row {inp['line']:,} (byte or row {inp['offset']:,})"
+        print(f"data-tools: resuming {prefix} in {where}", file=sys.stderr)
     if state["phase"] == "encode":
         try:
-            _encode(args, tok, dtype, keys, part, state, workers, t_start)
+            _encode(args, tok, dtype, keys, units, part, state, workers, t_start)
         except BadLine as e:
             part.remove()
             raise ValueError(f"--strict: {e}") from None
@@ -290,8 +333,9 @@ def run(args) -> dict:
         part.save(state)
     moves = [(f"{k}.bin", finals[k][0]) for k in keys] + [(f"{k}.idx", finals[k][1]) for k in keys]
     part.move_outputs(moves)
-    part.remove()
     stats = dict(stats, dtype=dtype.name, vocab_size=tok.vocab_size, workers=workers)
+    part.record_done(stats)
+    part.remove()
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(stats, f, indent=1, sort_keys=True)
@@ -299,83 +343,155 @@ def run(args) -> dict:
     return stats
 
 
-def _encode(args, tok, dtype, keys, part, state, workers, t_start) -> None:
+def _print_plan(units: list[Unit], shard: Shard | None, prefix: str, keys: list[str]) -> dict:
+    which = f"shard {shard.index}/{shard.count}" if shard else "the run"
+    total = sum(u.raw_bytes for u in units)
+    print(
+        f"data-tools preprocess: dry run: {which} reads {len(units)} input(s), "
+        f"{total / 1e6:,.1f} MB, into {output_paths(prefix, keys[0])[0]} (and .idx"
+        + (f", {len(keys) - 1} more key(s))" if len(keys) > 1 else ")"),
+        file=sys.stderr,
+    )
+    for u in units:
+        part = "" if u.lo == 0 and u.hi is None else f" {u.lo}-{'end' if u.hi is None else u.hi}"
+        unit = " (row groups)" if part and u.file.kind == "parquet" else " (bytes)" if part else ""
+        print(f"  {u.file.path} [{u.file.kind}]{part}{unit}", file=sys.stderr)
+    return {"units": len(units), "bytes": total, "dry_run": True}
+
+
+def _unit_start(index: int) -> dict:
+    """Resume state at the start of unit ``index`` (``offset`` None: not entered yet)."""
+    return {"unit": index, "offset": None, "line": 0, "crc": 0, "done": False}
+
+
+def _unit_batches(units, keys, args, inp):
+    """Reader thread: ``(unit index, Batch)`` for every batch of every unit from the resume
+    point on, and ``(unit index, None)`` after a unit's last batch. Each batch also carries
+    ``lines`` (lines or rows read) and ``raw`` (raw bytes read) since the previous one."""
+    for index in range(inp["unit"], len(units)):
+        unit = units[index]
+        resume = inp if index == inp["unit"] and inp["offset"] is not None else None
+        if unit.file.kind == "parquet":
+            meta = parquet.open_file(unit.file.path).metadata
+            end = meta.num_row_groups if unit.hi is None else unit.hi
+            batches = parquet.read_batches(
+                unit.file.path, keys, int(args.batch_mb * 1e6), range(unit.lo, end),
+                start_row=resume["offset"] if resume else None, strict=args.strict,
+            )  # fmt: skip
+            line = sum(meta.row_group(g).num_rows for g in range(unit.lo))
+            line, pos, source = resume["line"] if resume else line, 0, None
+        else:
+            source = InputSource(unit.file.path, unit.lo, unit.hi)
+            if resume:
+                try:
+                    crc = source.skip_to(resume["offset"])
+                except ValueError as e:
+                    raise UsageError(f"stdin differs from the interrupted run: {e}") from None
+                if crc >= 0 and crc != resume["crc"]:
+                    raise UsageError(
+                        "stdin differs from the interrupted run (checksum of the first "
+                        f"{resume['offset']:,} bytes); add --overwrite to start over"
+                    )
+                line, crc = resume["line"], resume["crc"]
+            else:
+                line, crc = (source.start_line() if unit.lo else 0), 0
+            pos = source.position()
+            batches = read_batches(
+                source, keys, batch_chars=int(args.batch_mb * 1e6), start_line=line,
+                start_crc=crc, strict=args.strict,
+            )  # fmt: skip
+        try:
+            for batch in batches:
+                batch.lines, batch.raw = batch.end_line - line, batch.position - pos
+                line, pos = batch.end_line, batch.position
+                yield index, batch
+        finally:
+            if source is not None:
+                source.close()
+        yield index, None
+
+
+def _encode(args, tok, dtype, keys, units, part, state, workers, t_start) -> None:
     """Encode the rest of the input into the partial files; ends with all indexes written."""
     stats, inp = state["stats"], state["input"]
     writers = {k: StreamingWriter(part.path(k), dtype, resume=state["outputs"][k]) for k in keys}
     seconds_before = stats["seconds"]
 
-    def checkpoint(done: bool, batch=None) -> None:
+    def checkpoint() -> None:
         for w in writers.values():
             w.sync()
-        if batch is not None:
-            inp.update(offset=batch.end_offset, line=batch.end_line, crc=batch.crc)
-        inp["done"] = done
         state["outputs"] = {k: w.sizes() for k, w in writers.items()}
         stats["seconds"] = seconds_before + time.monotonic() - t_start
-        stats["input_bytes"], stats["lines"] = inp["offset"], inp["line"]
         part.save(state)
         kill_point("checkpoint")
 
     if not part.resumed:
-        checkpoint(False)
-    if not inp["done"]:
-        source = InputSource(args.input)
-        try:
-            crc = source.skip_to(inp["offset"])
-        except ValueError as e:
-            raise UsageError(f"stdin differs from the interrupted run: {e}") from None
-        if crc >= 0 and crc != inp["crc"]:
-            raise UsageError(
-                "stdin differs from the interrupted run (checksum of the first "
-                f"{inp['offset']:,} bytes); add --overwrite to start over"
+        checkpoint()
+    if inp["done"]:
+        return _close(writers, part)
+    total = sum(u.raw_bytes for u in units)
+    done_bytes = sum(u.raw_bytes for u in units[: inp["unit"]])
+    progress = Progress(args.progress, total or None, args.log_interval, done_bytes, len(units))
+    progress.files_done = inp["unit"]
+    stop = threading.Event()
+    batches = _threaded(_unit_batches(units, keys, args, dict(inp)), 2, stop)
+    encoded = _threaded(
+        (
+            (i, b, None if b is None else assemble(tok, b, dtype, args.append_eod, args.keep_empty))
+            for i, b in batches
+        ),
+        2,
+        stop,
+    )
+    docs_run = tokens_run = 0
+    last_save = time.monotonic()
+    try:
+        for index, batch, result in encoded:
+            unit = units[index]
+            kind = stats["kinds"].setdefault(
+                unit.file.kind, {"files": 0, "bytes": 0, "documents": 0, "tokens": 0}
             )
-        progress = Progress(args.progress, source.total, args.log_interval, source.position())
-        stop = threading.Event()
-        batches = _threaded(
-            read_batches(
-                source,
-                keys,
-                batch_chars=int(args.batch_mb * 1e6),
-                start_line=inp["line"],
-                start_crc=inp["crc"],
-                strict=args.strict,
-            ),
-            2,
-            stop,
-        )
-        encoded = _threaded(
-            ((b, assemble(tok, b, dtype, args.append_eod, args.keep_empty)) for b in batches),
-            2,
-            stop,
-        )
-        docs_run = tokens_run = 0
-        last_save = time.monotonic()
-        try:
-            for batch, (per_key, kept, empty) in encoded:
-                for k, (tokens, lens, rel_docs) in zip(keys, per_key, strict=True):
-                    w = writers[k]
-                    w.append(tokens, lens, w.n_sequences + rel_docs)
-                    stats["tokens"] += tokens.size
-                    tokens_run += tokens.size
-                stats["documents"] += kept
-                stats["empty"] += empty
-                docs_run += kept
-                for reason, (count, first) in batch.skipped.items():
-                    entry = stats["skipped"].setdefault(reason, [0, []])
-                    entry[0] += count
-                    entry[1] = (entry[1] + first)[:5]
-                inp.update(offset=batch.end_offset, line=batch.end_line, crc=batch.crc)
-                kill_point("batch")
-                if time.monotonic() - last_save >= args.checkpoint_interval:
-                    checkpoint(False, batch)
-                    last_save = time.monotonic()
-                progress.update(batch.position, docs_run, tokens_run)
-        finally:
-            stop.set()
-            progress.close()
-            source.close()
-        checkpoint(True)
+            if batch is None:  # the unit is finished
+                kind["files"] += 1
+                inp.clear()
+                inp.update(_unit_start(index + 1), done=index + 1 == len(units))
+                progress.files_done = index + 1
+                continue
+            per_key, kept, empty = result
+            for k, (tokens, lens, rel_docs) in zip(keys, per_key, strict=True):
+                w = writers[k]
+                w.append(tokens, lens, w.n_sequences + rel_docs)
+                stats["tokens"] += tokens.size
+                kind["tokens"] += tokens.size
+                tokens_run += tokens.size
+            stats["documents"] += kept
+            kind["documents"] += kept
+            stats["empty"] += empty
+            stats["lines"] += batch.lines
+            stats["input_bytes"] += batch.raw
+            kind["bytes"] += batch.raw
+            docs_run += kept
+            done_bytes += batch.raw
+            for reason, (count, first) in batch.skipped.items():
+                entry = stats["skipped"].setdefault(reason, [0, []])
+                entry[0] += count
+                where = [f"{unit.file.path}:{n}" for n in first] if len(units) > 1 else first
+                entry[1] = (entry[1] + where)[:5]
+            inp.update(unit=index, offset=batch.end_offset, line=batch.end_line, crc=batch.crc)
+            kill_point("batch")
+            if time.monotonic() - last_save >= args.checkpoint_interval:
+                checkpoint()
+                last_save = time.monotonic()
+            progress.update(done_bytes, docs_run, tokens_run)
+    finally:
+        stop.set()
+        progress.close()
+    inp["done"] = True
+    checkpoint()
+    _close(writers, part)
+
+
+def _close(writers, part) -> None:
     for k, w in writers.items():
         w.close()
         w.write_index(part.path(f"{k}.idx"))

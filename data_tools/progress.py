@@ -1,9 +1,10 @@
 """Progress on stderr and the closing summary of ``preprocess``.
 
-Modes: ``bar`` (tqdm: MB/s over the input bytes, ETA when the input size is known, docs/s and
-tokens/s as postfix), ``log`` (one line every ``--log-interval`` documents, as Megatron-LM
-prints, with the same rates and the ETA), ``none``; ``auto`` is ``bar`` on a terminal, else
-``log``. MB = 10^6 bytes; input bytes are raw bytes (compressed bytes for ``.gz``).
+Modes: ``bar`` (tqdm: MB/s over the input bytes of all files, ETA when their size is known,
+files done/total, docs/s and tokens/s as postfix), ``log`` (one line every ``--log-interval``
+documents, as Megatron-LM prints, with the same figures), ``none``; ``auto`` is ``bar`` on a
+terminal, else ``log``. MB = 10^6 bytes; input bytes are raw bytes (compressed bytes for
+``.gz``/``.zst``/Parquet). The closing summary has a line per input kind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ def _eta(done: float, total: float | None, elapsed: float) -> str:
 
 
 class Progress:
-    def __init__(self, mode: str, total: int | None, log_interval: int, start_pos: int = 0):
+    def __init__(
+        self, mode: str, total: int | None, log_interval: int, start_pos: int = 0, files: int = 1
+    ):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode = mode
@@ -29,6 +32,7 @@ class Progress:
         self.t0 = time.monotonic()
         self.start_pos = start_pos
         self.docs = self.tokens = 0
+        self.files, self.files_done = files, 0  # input units (files, or shares of them)
         self._next_log = self.log_interval
         self._last_post = 0.0
         self.bar = None
@@ -55,19 +59,26 @@ class Progress:
             if elapsed - self._last_post >= 0.5:
                 self._last_post = elapsed
                 self.bar.set_postfix_str(
-                    f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:.2f}M tok/s",
+                    f"file {self._file()}, {docs / elapsed:,.0f} docs/s, "
+                    f"{tokens / elapsed / 1e6:.2f}M tok/s",
                     refresh=False,
                 )
         elif self.mode == "log" and docs >= self._next_log:
             while self._next_log <= docs:
                 self._next_log += self.log_interval
             mbs = (position - self.start_pos) / elapsed / 1e6
+            left = None if self.total is None else self.total - self.start_pos
+            eta = _eta(position - self.start_pos, left, elapsed)
             print(
                 f"Processed {docs} documents ({docs / elapsed:.1f} docs/s, {mbs:.2f} MB/s, "
-                f"{tokens / elapsed:,.0f} tokens/s, ETA {_eta(position, self.total, elapsed)})",
+                f"{tokens / elapsed:,.0f} tokens/s, file {self._file()}, ETA {eta})",
                 file=sys.stderr,
                 flush=True,
             )
+
+    def _file(self) -> str:
+        """``3/120``: the file being read (files done + 1) of all."""
+        return f"{min(self.files_done + 1, self.files)}/{self.files}"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -84,6 +95,11 @@ def format_summary(stats: dict) -> str:
         f"  tokens written    : {stats['tokens']:,}"
         + (" (EOD appended to each document)" if stats.get("append_eod") else ""),
         f"  input             : {stats['lines']:,} lines, {mb:,.1f} MB",
+        *(
+            f"    {kind:<14}: {k['files']:,} file(s), {k['bytes'] / 1e6:,.1f} MB, "
+            f"{k['documents']:,} documents, {k['tokens']:,} tokens"
+            for kind, k in sorted(stats.get("kinds", {}).items())
+        ),
         f"  time              : {secs:.1f} s ({mb / max(secs, 1e-9):.2f} MB/s, "
         f"{stats['tokens'] / max(secs, 1e-9):,.0f} tokens/s)"
         + (f", resumed {stats['resumes']} time(s)" if stats.get("resumes") else ""),

@@ -72,12 +72,33 @@ class ResumeMismatch(Exception):
     pass
 
 
+def done_path(prefix: str) -> str:
+    return prefix + ".data-tools-done.json"
+
+
+def finished_run(prefix: str, fingerprint: dict, outputs: list[str]) -> dict | None:
+    """The stats of a finished run of these settings whose outputs are all in place (and no
+    partial run under way), else None."""
+    if os.path.exists(PartialRun.folder(prefix)) or not all(map(os.path.exists, outputs)):
+        return None
+    try:
+        with open(done_path(prefix)) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return done.get("stats") if done.get("fingerprint") == fingerprint else None
+
+
 class PartialRun:
     """The side folder of one ``preprocess`` run: lock, checkpoints, final moves."""
 
+    @staticmethod
+    def folder(prefix: str) -> str:
+        return prefix + ".data-tools-partial"
+
     def __init__(self, prefix: str, fingerprint: dict, overwrite: bool = False):
         self.prefix = prefix
-        self.dir = prefix + ".data-tools-partial"
+        self.dir = self.folder(prefix)
         self.state_path = os.path.join(self.dir, "state.json")
         self.fingerprint = fingerprint
         self.state: dict | None = None
@@ -152,6 +173,16 @@ class PartialRun:
                 raise FileNotFoundError(f"{src} is missing and {dst} was never written")
         for d in out_dirs:
             fsync_dir(d)
+
+    def record_done(self, stats: dict) -> None:
+        """``P.data-tools-done.json``: the finished run's fingerprint and summary, by which a
+        requeued ``--shard`` task knows its outputs are complete and current."""
+        tmp = done_path(self.prefix) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "stats": stats}, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, done_path(self.prefix))
 
     def remove(self) -> None:
         kill_point("finalized")

@@ -269,7 +269,10 @@ def test_progress_output(tmp_path: Path, mode: str):
     args[args.index("none")] = mode
     err = cli(*args).stderr
     if mode == "log":
-        pattern = r"Processed \d+ documents \(.* docs/s, .* MB/s, .* tokens/s, ETA \d\d:\d\d"
+        pattern = (
+            r"Processed \d+ documents \(.* docs/s, .* MB/s, .* tokens/s, file 1/1, "
+            r"ETA \d\d:\d\d"
+        )
         assert len(re.findall(pattern, err)) >= 3, err
     else:
         assert "B/s" in err

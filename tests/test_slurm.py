@@ -23,6 +23,7 @@ SHELL_FILES = [
     "slurm/launch.sh",
     "slurm/mixtral_8x7b.sbatch",
     "slurm/mixtral_8x22b.sbatch",
+    "slurm/preprocess_array.sbatch",
     "examples/mixtral_8x7b_64xh100.sh",
     "examples/mixtral_8x22b_128xh100.sh",
     "examples/rehearse.sh",
@@ -172,3 +173,56 @@ def test_placeholder_paths_are_refused(tmp_path):
     )
     assert proc.returncode == 2
     assert "set DATA_PATH" in proc.stderr
+
+
+def _preprocess_array(*args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "slurm/preprocess_array.sbatch", *args],
+        cwd=ROOT, capture_output=True, text=True, env=_clean_env(PYTHON=sys.executable, **env),
+    )  # fmt: skip
+
+
+def test_preprocess_array_dry_run(tmp_path):
+    """Both sbatch lines (the array, the merge after it), each task's preprocess --shard I/N
+    and the merge of the N shards, parsed back; the inputs were checked first."""
+    from data_tools.tokenizers import mixtral_tokenizer_path
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.jsonl").write_text('{"text": "x", "url": "u"}\n' * (i + 1))
+    pre = ["--input", str(tmp_path / "in"), "--output-prefix", str(tmp_path / "out" / "c"),
+           "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", mixtral_tokenizer_path(),
+           "--json-keys", "text", "url", "--append-eod"]  # fmt: skip
+    proc = _preprocess_array("--shards", "3", "--dry-run", "-A", "acct", "--", *pre)
+    assert proc.returncode == 0, proc.stderr
+    assert "shard 0/3 reads 1 input(s)" in proc.stderr  # preprocess --dry-run checked them
+    lines = [shlex.split(x) for x in proc.stdout.splitlines() if not x.startswith("#")]
+    array, merge, *tasks, final = lines
+    script = str(ROOT / "slurm/preprocess_array.sbatch")
+    assert array[:3] == ["sbatch", "--parsable", "--array=0-2"] and "--exclusive" in array
+    assert "-A" in array and array[array.index(script) + 1 :] == pre
+    assert any(a.endswith(",PREPROCESS_MODE=shard") for a in array)
+    assert "--dependency=afterok:ARRAY_JOB_ID" in merge and "-A" in merge
+    assert any(a.endswith(",PREPROCESS_MODE=merge") for a in merge)
+    assert [t[-2:] for t in tasks] == [["--shard", f"{i}/3"] for i in range(3)]
+    assert all(t[:4] == [sys.executable, "-m", "data_tools", "preprocess"] for t in tasks)
+    assert final == [sys.executable, "-m", "data_tools", "merge", "--shards", "3",
+                     "--output-prefix", str(tmp_path / "out" / "c"), "--json-keys", "text",
+                     "url"]  # fmt: skip
+
+
+def test_preprocess_array_refuses_bad_flags_before_submitting(tmp_path):
+    bad = _preprocess_array("--dry-run", "--", "--input", "x", "--output-prefix", "y")
+    assert bad.returncode == 2 and "give --shards N" in bad.stderr
+    bad = _preprocess_array("--shards", "2", "--", "--input", "x", "--shard", "0/2")
+    assert bad.returncode == 2 and "no --shard in PREPROCESS_FLAGS" in bad.stderr
+    bad = _preprocess_array(
+        "--shards", "2", "--", "--input", str(tmp_path / "nope*.parquet"), "--output-prefix",
+        str(tmp_path / "o"), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+        str(ROOT / "README.md"),
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"data-tools preprocess: error: --input {tmp_path}/nope*.parquet: the pattern matches "
+        "no file"
+    ]
+    assert bad.stdout == ""  # no job submitted

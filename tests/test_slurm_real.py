@@ -216,3 +216,50 @@ def test_gpu_sbatch_scripts_need_the_gres_override_here(slurm):
         "--exclusive", script, check=False, cwd=ROOT,
     )  # fmt: skip
     assert accepted.returncode == 0, accepted.stderr
+
+
+def test_preprocess_array_then_merge_equals_one_run_and_survives_a_requeue(slurm, tmp_path):
+    """``slurm/preprocess_array.sbatch``: 3 array tasks (one shard each) and the merge after
+    them write the bytes of one preprocess run over the same inputs; requeueing the finished
+    array redoes nothing (each task: "already done") and the merged files stay the same."""
+    import json as json_
+
+    from test_data_tools_helpers import sample_corpus
+
+    from data_tools.__main__ import main as data_tools
+    from data_tools.tokenizers import mixtral_tokenizer_path
+
+    docs = Path(sample_corpus(1.0)).read_text().splitlines(keepends=True)
+    (tmp_path / "in").mkdir()
+    for i in range(5):  # five files, documents dealt round-robin
+        (tmp_path / "in" / f"part{i}.jsonl").write_text("".join(docs[i::5]))
+    pre = ["--input", str(tmp_path / "in"), "--output-prefix", str(tmp_path / "out" / "c"),
+           "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", mixtral_tokenizer_path(),
+           "--append-eod", "--workers", "1", "--progress", "log"]  # fmt: skip
+    env = {**slurm.env, "PYTHON": sys.executable}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = slurm.run(
+        "bash", "slurm/preprocess_array.sbatch", "--shards", "3",
+        f"--output={tmp_path}/%x-%A_%a.out", "--", *pre, cwd=ROOT, env=env,
+    )  # fmt: skip
+    array_job, merge_job = map(int, out.stdout.split()[-2:])
+    logs = lambda: "".join(p.read_text() for p in sorted(tmp_path.glob("preprocess-*.out")))
+    info = wait_until(
+        "merge COMPLETED", job_state(slurm, merge_job, ("COMPLETED", "FAILED", "CANCELLED")),
+        tmp_path, 180,
+    )  # fmt: skip
+    assert info["JobState"] == "COMPLETED", logs()
+    one = ["preprocess", *pre[:2], "--output-prefix", str(tmp_path / "one"), *pre[4:]]
+    assert data_tools(one) == 0
+    merged = [(tmp_path / "out" / f"c_text_document.{e}").read_bytes() for e in ("bin", "idx")]
+    assert merged == [(tmp_path / f"one_text_document.{e}").read_bytes() for e in ("bin", "idx")]
+    shards = sorted((tmp_path / "out").glob("c-0000?-of-00003_text_document.bin"))
+    assert len(shards) == 3 and "data-tools merge: 3 datasets" in logs()
+    done = json_.loads((tmp_path / "out" / "c-00001-of-00003.data-tools-done.json").read_text())
+    assert done["fingerprint"]["shard"] == [1, 3]
+    slurm.run("scontrol", "requeue", str(array_job))
+    wait_until("3 tasks already done", lambda: logs().count("already done") == 3, tmp_path, 120)
+    assert logs().count("(restart 1)") == 3
+    again = [(tmp_path / "out" / f"c_text_document.{e}").read_bytes() for e in ("bin", "idx")]
+    assert again == merged

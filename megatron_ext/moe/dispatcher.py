@@ -156,10 +156,10 @@ class _Permute(torch.autograd.Function):
             dy = torch.cat([dy, dy.new_zeros(ctx.rows - dy.shape[0], *dy.shape[1:])])
         if ctx.fold == 1:
             return dy.index_select(0, bwd_idx), None, None, None, None
-        return _gather_sum(dy, bwd_idx.view(-1, ctx.fold)), None, None, None, None
+        return gather_sum(dy, bwd_idx.view(-1, ctx.fold)), None, None, None, None
 
 
-def _gather_sum(src_NH, idx_TK, weights_TK=None):
+def gather_sum(src_NH, idx_TK, weights_TK=None):
     """``out[t] = sum_k w[t, k] * src[idx[t, k]]`` in one pass (fp32 accumulation)."""
     if idx_TK.shape[0] == 0:
         return src_NH.new_zeros(0, src_NH.shape[-1])
@@ -178,7 +178,7 @@ class _WeightedUnpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_NH, probs_TK, pos_TK, token_N, sorted_pair_N):
         ctx.save_for_backward(y_NH, probs_TK, pos_TK, token_N, sorted_pair_N)
-        return _gather_sum(y_NH, pos_TK, probs_TK).to(y_NH.dtype)
+        return gather_sum(y_NH, pos_TK, probs_TK).to(y_NH.dtype)
 
     @staticmethod
     def backward(ctx, dout_TH):
@@ -253,11 +253,14 @@ def dispatch(
     topk_ids_TK: torch.Tensor,
     num_experts: int,
     groups: DispatchGroups = DispatchGroups(),
-) -> tuple[torch.Tensor, DispatchMeta]:
+    send_rows: bool = True,
+) -> tuple[torch.Tensor | None, DispatchMeta]:
     """Send every (token, choice) pair to the rank(s) owning its expert.
 
     Returns ``x_MH`` (rows for this rank's L local experts, grouped by local expert; folded:
     the rows of the whole expert-TP group) and the metadata for :func:`combine`.
+    ``send_rows=False`` (one rank, no exchange): only the metadata, ``x_MH`` is None (experts
+    that gather their rows themselves, ``GroupedExperts.forward_local``).
     """
     num_tokens, k = topk_ids_TK.shape
     ids_N = topk_ids_TK.reshape(-1)
@@ -276,7 +279,9 @@ def dispatch(
     p, a = group_size(groups.ep), group_size(groups.etp)
     if p == 1 and a == 1:
         host = tuple(counts_E.tolist())
-        x_NH = _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k, sum(host))
+        x_NH = (
+            _send_rows(x_TH, sorted_token_N, pair_to_sorted_N, k, sum(host)) if send_rows else None
+        )
         meta = DispatchMeta(
             **order,
             global_tokens_per_expert_E=counts_E,

@@ -37,96 +37,9 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from megatron_ext.fallback_kernels import accumulate_wgrad
 from megatron_ext.moe.dispatcher import MoEGroups, group_rank, group_size
 from megatron_ext.moe.fp8_experts import TEExperts
-
-
-class _LoopExperts(torch.autograd.Function):
-    """``y = swiglu(x w13[e]ᵀ) w2[e]ᵀ`` on the rows of each expert e, expert by expert, as one
-    autograd node.
-
-    Why expert by expert rather than stage by stage (all GEMM1s, then the activation on all
-    rows, then all GEMM2s): each expert's ``[n_e, 2Fs]`` intermediate is still in cache when
-    the activation and the next GEMM read it, which on CPUs makes the loop as fast as one dense
-    SwiGLU MLP over the same rows (or faster). Intermediates are per expert, not slices of
-    layer-wide buffers: allocations above the C allocator's mmap threshold (32 MiB) would be
-    fresh pages every step, and their page faults cost more than the activation itself.
-    Saved for backward, per expert: the GEMM1 output h, silu(g) and the activation a (what
-    autograd would save).
-
-    ``fuse_wgrad`` (gradient accumulation fusion, as Megatron-Core's linear layers): the weight
-    gradients are added straight into the parameters' DDP ``main_grad`` (``addmm_``), and
-    autograd gets untouched placeholders with ``grad_added_to_main_grad`` set, so DDP's hook
-    does not add them again.
-
-    ``recompute_act`` (``moe_act`` in ``--recompute-modules``): only h is kept per expert;
-    silu(g) and a are recomputed from it in the backward (half of the per-expert
-    intermediates freed, ``[n_e, 2Fs]`` of ``[n_e, 4Fs]``; one SwiGLU forward more).
-    """
-
-    @staticmethod
-    def forward(ctx, x_MH, w13_LFH, w2_LHF, splits, fuse_wgrad=False, recompute_act=False):
-        fs = w2_LHF.shape[-1]
-        y_MH = x_MH.new_empty(x_MH.shape[0], w2_LHF.shape[1])
-        saved, start = [], 0
-        for e, n in enumerate(splits):
-            rows = slice(start, start + n)
-            start += n
-            if n:
-                h = torch.mm(x_MH[rows], w13_LFH[e].t())
-                s = F.silu(h[:, :fs])
-                a = s * h[:, fs:]
-                torch.mm(a, w2_LHF[e].t(), out=y_MH[rows])
-                saved += [h] if recompute_act else [h, s, a]
-        ctx.save_for_backward(x_MH, w13_LFH, w2_LHF, *saved)
-        ctx.splits, ctx.recompute_act = splits, recompute_act
-        ctx.params = (w13_LFH, w2_LHF) if fuse_wgrad else None  # their main_grad attributes
-        return y_MH
-
-    @staticmethod
-    def backward(ctx, dy_MH):
-        x_MH, w13_LFH, w2_LHF, *saved = ctx.saved_tensors
-        dy_MH, fs = dy_MH.contiguous(), w2_LHF.shape[-1]
-        dx_MH = torch.empty_like(x_MH)
-        fused = ctx.params is not None
-        if fused:
-            dw13, dw2 = (p.main_grad for p in ctx.params)
-        else:
-            dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
-        wgrad = accumulate_wgrad if fused else _overwrite
-        saved, start = iter(saved), 0
-        for e, n in enumerate(ctx.splits):
-            rows = slice(start, start + n)
-            start += n
-            if not n:  # an expert without rows still gets a (zero) gradient
-                if not fused:
-                    dw13[e].zero_()
-                    dw2[e].zero_()
-                continue
-            h = next(saved)
-            if ctx.recompute_act:
-                s = F.silu(h[:, :fs])
-                a = s * h[:, fs:]
-            else:
-                s, a = next(saved), next(saved)
-            wgrad(dw2[e], dy_MH[rows].t(), a)
-            da = torch.mm(dy_MH[rows], w2_LHF[e])
-            dh = torch.empty_like(h)
-            torch.mul(da, s, out=dh[:, fs:])  # d up = da * silu(g)
-            torch.mul(da, h[:, fs:], out=dh[:, :fs])  # d gate = silu'(g) * da * up
-            torch.ops.aten.silu_backward.grad_input(dh[:, :fs], h[:, :fs], grad_input=dh[:, :fs])
-            torch.mm(dh, w13_LFH[e], out=dx_MH[rows])
-            wgrad(dw13[e], dh.t(), x_MH[rows])
-        if fused:  # placeholders for autograd; DDP's hook skips them (never read, never zeroed)
-            for p in ctx.params:
-                p.grad_added_to_main_grad = True
-            dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
-        return dx_MH, dw13, dw2, None, None, None
-
-
-def _overwrite(out, a, b):
-    torch.mm(a, b, out=out)
+from megatron_ext.moe.loop_experts import _LocalExperts, _LoopExperts
 
 
 def recomputes(config, module: str) -> bool:
@@ -294,6 +207,24 @@ class GroupedExperts(torch.nn.Module):
         fuse = self.fuse_wgrad and hasattr(self.w13, "main_grad")  # under Megatron's DDP
         recompute = self.recompute_act and torch.is_grad_enabled()
         return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L, fuse, recompute)
+
+    def runs_local(self, x_TH) -> bool:
+        """Whether :meth:`forward_local` applies to these tokens: the expert loop runs them
+        (neither FP8 nor the grouped GEMM)."""
+        return self.te is None and not _use_torch_grouped_mm(x_TH, self.w13, self.w2)
+
+    def forward_local(self, x_TH, probs_TK, meta) -> torch.Tensor:
+        """``y_TH``: the experts on a local dispatch (``meta.local``; ``dispatch(...,
+        send_rows=False)``) with the dispatch's gather and the combine in the same node
+        (:class:`~megatron_ext.moe.loop_experts._LocalExperts`)."""
+        fuse = self.fuse_wgrad and hasattr(self.w13, "main_grad")
+        recompute = self.recompute_act and torch.is_grad_enabled()
+        k = probs_TK.shape[1]
+        return _LocalExperts.apply(
+            x_TH, self.w13, self.w2, probs_TK, meta.pair_to_sorted_N.view(-1, k),
+            meta.sorted_token_N, meta.sorted_pair_N, tuple(meta.tokens_per_local_expert), fuse,
+            recompute,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

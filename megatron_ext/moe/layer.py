@@ -164,6 +164,7 @@ class SMoELayer(MegatronModule):
         _check_config(config)
         self.groups = MoEGroups.from_parallel_state(pg_collection)
         self.dispatch_groups = DispatchGroups.of(self.groups)
+        self.local_dispatch = group_size(self.groups.ep) == 1 and not self.groups.folded
         self.layer_number = layer_number
         self.num_experts, self.topk = config.num_moe_experts, config.moe_router_topk
         cpu = config.use_cpu_initialization or not torch.cuda.is_available()
@@ -246,10 +247,14 @@ class SMoELayer(MegatronModule):
             counts_E = expert_counts(torch.sort(ids_TK.reshape(-1)).values, self.num_experts)
             lo, hi = token_block(x_TH.shape[0], group_rank(tp_group), tp)
             x_TH, ids_TK, probs_TK = x_TH[lo:hi], ids_TK[lo:hi], probs_TK[lo:hi]
-        x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, self.dispatch_groups)
-        pad_to = capacity if cfg.moe_pad_expert_input_to_capacity else 0
-        y_MH = self._run_experts(x_MH, meta, pad_to)
-        y_TH = combine(y_MH, probs_TK, meta)
+        # one rank's own experts, dropless, on the expert loop: one node with the permutes
+        local = self.local_dispatch and not capacity and self.experts.runs_local(x_TH)
+        x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, self.dispatch_groups, not local)
+        if local:
+            y_TH = self.experts.forward_local(x_TH, probs_TK, meta)
+        else:
+            pad_to = capacity if cfg.moe_pad_expert_input_to_capacity else 0
+            y_TH = combine(self._run_experts(x_MH, meta, pad_to), probs_TK, meta)
         if self.groups.folded:
             out = folded_output(
                 y_TH, lo, x.shape, hidden_states.shape, tp_group, cfg.sequence_parallel
