@@ -17,6 +17,14 @@ run with a fixed environment. ``--split-paragraphs`` writes the small-document v
 document cut at blank lines).
 
     python bench/build_corpus.py --output /tmp/bench/corpus80.jsonl --mb 80
+
+The same documents as Parquet (``text`` column, zstd pages, 1,000 documents per row group) and
+as zstd-compressed JSONL, for the input-format benchmark:
+
+    python bench/build_corpus.py --convert /tmp/bench/corpus80.jsonl parquet \\
+        --output /tmp/bench/corpus80.parquet
+    python bench/build_corpus.py --convert /tmp/bench/corpus80.jsonl zst \\
+        --output /tmp/bench/corpus80.jsonl.zst
 """
 
 from __future__ import annotations
@@ -106,6 +114,25 @@ def split_existing(src: str, dst: str) -> None:
     print(f"wrote {dst}: {n} lines, {os.path.getsize(dst) / 1e6:.1f} MB", file=sys.stderr)
 
 
+def convert(src: str, dst: str, kind: str, row_group_rows: int) -> None:
+    """The same documents as Parquet (one ``text`` column, zstd pages, row groups of
+    ``row_group_rows`` documents) or as zstd-compressed JSONL (the same bytes, level 3)."""
+    if kind == "zst":
+        import zstandard
+
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            zstandard.ZstdCompressor(level=3).copy_stream(f, g)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with open(src, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        table = pa.table({"text": pa.array(texts, pa.large_string())})
+        pq.write_table(table, dst, row_group_size=row_group_rows, compression="zstd")
+    print(f"wrote {dst}: {os.path.getsize(dst) / 1e6:.1f} MB ({kind})", file=sys.stderr)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output", required=True)
@@ -114,9 +141,16 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=4, help="parallel man renderers")
     p.add_argument("--split-paragraphs", action="store_true", help="small-document variant")
     p.add_argument("--split-existing", default=None, help="split this JSONL's documents instead")
+    p.add_argument(
+        "--convert", nargs=2, metavar=("SRC", "KIND"), help="write SRC (JSONL) as KIND: parquet|zst"
+    )
+    p.add_argument("--row-group-rows", type=int, default=1000, help="Parquet rows per row group")
     args = p.parse_args()
     if args.split_existing:
         split_existing(args.split_existing, args.output)
+        return
+    if args.convert:
+        convert(args.convert[0], args.output, args.convert[1], args.row_group_rows)
         return
     limit = int(args.mb * 1e6)
     seen: set[bytes] = set()

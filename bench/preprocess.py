@@ -13,6 +13,12 @@ Runs, on the same corpus with the same tokenizer and worker count, each in a fre
   like the bound below: shows the pipeline's own overhead);
 * ``sentencepiece``: the bound: ``SentencePieceProcessor.encode(batch of 64 documents,
   num_threads=workers)`` over the parsed JSONL, nothing written.
+* ``data-tools-parquet`` / ``data-tools-zst`` (``--parquet`` / ``--zst``: the same documents
+  converted by ``bench/build_corpus.py --convert``): input formats; outputs compared byte for
+  byte with ``data-tools``'s.
+* ``data-tools-2-shards``: two ``--shard I/2`` processes at once with ``workers / 2`` threads
+  each, then ``merge --shards 2`` (all in the measured time; ``merge`` alone is timed after it):
+  the same bytes, scaled over processes as over nodes.
 
 For each: wall time, MB/s (MB = 10^6 bytes of JSONL), tokens/s, CPU seconds (user + system of
 the whole tree, from the rusage of waited-for children: less sensitive than wall time to other
@@ -27,9 +33,11 @@ process tree, sampled from /proc every 20 ms: the largest sum of RSS, the larges
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -44,14 +52,16 @@ from data_tools.tokenizers import mixtral_tokenizer_path  # noqa: E402
 SP_ALONE = r"""
 import json, sys, sentencepiece as spm
 model, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+copies = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 sp = spm.SentencePieceProcessor(model_file=model)
 tokens, batch = 0, []
-with open(path, encoding="utf-8") as f:
-    for line in f:
-        batch.append(json.loads(line)["text"])
-        if len(batch) == 64:
-            tokens += sum(map(len, sp.encode(batch, num_threads=threads)))
-            batch = []
+for _ in range(copies):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 64:
+                tokens += sum(map(len, sp.encode(batch, num_threads=threads)))
+                batch = []
 tokens += sum(map(len, sp.encode(batch, num_threads=threads)))
 print(json.dumps({"tokens": tokens}))
 """
@@ -132,6 +142,17 @@ def idx_tokens(prefix: str) -> int:
     return IndexedReader(prefix + "_text_document").n_tokens
 
 
+def _linked_copies(path: str, copies: int, folder: str) -> str:
+    """A folder of ``copies`` hard links to ``path`` (names 0.<ext>, 1.<ext>, ...)."""
+    os.makedirs(folder, exist_ok=True)
+    ext = path[path.index(".", len(os.path.dirname(path)) + 1) :]
+    for i in range(copies):
+        link = os.path.join(folder, f"{i}{ext}")
+        if not os.path.exists(link):
+            os.link(path, link)
+    return folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--corpus", required=True)
@@ -145,13 +166,28 @@ def main() -> None:
         "--only",
         nargs="+",
         default=["megatron", "data-tools", "data-tools-whole", "sentencepiece"],
-        help="tools to run (data-tools-whole: --no-newline-split, whole documents)",
+        help="tools to run (data-tools-whole: --no-newline-split, whole documents; "
+        "data-tools-parquet, data-tools-zst, data-tools-2-shards)",
     )
+    p.add_argument("--parquet", default=None, help="the corpus as Parquet (data-tools-parquet)")
+    p.add_argument("--zst", default=None, help="the corpus as .jsonl.zst (data-tools-zst)")
+    p.add_argument(
+        "--copies", type=int, default=1,
+        help="K > 1: every input is a folder of K hard links to the corpus file (K times the "
+        "text; start-up amortized); Megatron-LM (one file) is then not run",
+    )  # fmt: skip
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="bench-preprocess-")
     os.makedirs(work, exist_ok=True)
-    size = os.path.getsize(args.corpus)
+    size = os.path.getsize(args.corpus) * args.copies
     py = sys.executable
+    corpus_file = args.corpus
+    if args.copies > 1:  # folders of hard links (not symlinks: preprocess refuses one file twice)
+        for name in ("corpus", "parquet", "zst"):
+            src = getattr(args, name)
+            if src:
+                setattr(args, name, _linked_copies(src, args.copies, os.path.join(work, name)))
+        args.only = [t for t in args.only if t != "megatron"]
     common = ["--input", args.corpus, "--tokenizer-type", "Llama2Tokenizer"]
     common += ["--tokenizer-model", args.tokenizer_model, "--append-eod"]
     common += ["--workers", str(args.workers)]
@@ -181,20 +217,56 @@ def main() -> None:
             base_env,
             os.path.join(work, "whole"),
         )
+    for kind in ("parquet", "zst"):
+        if f"data-tools-{kind}" in args.only:
+            other = [*common]
+            other[1] = getattr(args, kind)
+            tools[f"data-tools-{kind}"] = (
+                [py, "-m", "data_tools", "preprocess", *other, "--progress", "none"],
+                base_env,
+                os.path.join(work, kind),
+            )
+    if "data-tools-2-shards" in args.only:
+        half = max(1, args.workers // 2)
+        out = os.path.join(work, "sharded")
+        shard = [py, "-m", "data_tools", "preprocess", *common[:-1], str(half), "--progress"]
+        shard += ["none", "--output-prefix", out, "--shard"]
+        line = " & ".join(" ".join(map(shlex.quote, shard + [f"{i}/2"])) for i in range(2))
+        merge = [py, "-m", "data_tools", "merge", "--shards", "2", "--output-prefix", out]
+        script = f"{line} & wait -n && wait -n && {' '.join(map(shlex.quote, merge))}"
+        tools["data-tools-2-shards"] = (["bash", "-c", script], base_env, out)
     if "sentencepiece" in args.only:
         tools["sentencepiece"] = (
-            [py, "-c", SP_ALONE, args.tokenizer_model, args.corpus, str(args.workers)],
+            [py, "-c", SP_ALONE, args.tokenizer_model, corpus_file, str(args.workers)]
+            + [str(args.copies)],
             base_env,
             None,
         )
     results: dict[str, list[dict]] = {name: [] for name in tools}
     for run in range(args.runs):
         for name, (cmd, env, prefix) in tools.items():
-            full = cmd + (["--output-prefix", prefix] if prefix else [])
+            if name == "data-tools-2-shards":
+                for stale in glob.glob(prefix + "*"):  # else: "already done"
+                    os.remove(stale)
+            full = cmd + (["--output-prefix", prefix] if prefix and cmd[0] != "bash" else [])
             r = measure(full, env)
             r["tokens"] = idx_tokens(prefix) if prefix else json.loads(r["stdout"])["tokens"]
             results[name].append(r)
             print(f"run {run + 1} {name}: {r['wall']:.1f} s", file=sys.stderr, flush=True)
+    if "data-tools-2-shards" in tools:  # the merge alone, once more over the same shards
+        merge_cmd = [py, "-m", "data_tools", "merge", "--shards", "2", "--output-prefix"]
+        merge = measure(merge_cmd + [os.path.join(work, "sharded")], base_env)
+        print(f"merge --shards 2 alone: {merge['wall']:.2f} s", file=sys.stderr)
+    variants = {"data-tools-parquet": "parquet", "data-tools-zst": "zst"}
+    variants["data-tools-2-shards"] = "sharded"
+    for tool, other in variants.items():
+        if tool in tools and "data-tools" in tools:
+            same = all(
+                open(os.path.join(work, f"ours_text_document.{ext}"), "rb").read()
+                == open(os.path.join(work, f"{other}_text_document.{ext}"), "rb").read()
+                for ext in ("bin", "idx")
+            )
+            print(f"data-tools output from {other} byte-identical to data-tools': {same}")
     if "megatron" in tools and "data-tools" in tools:
         same = all(
             open(os.path.join(work, f"{a}_text_document.{ext}"), "rb").read()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".jsonl.zstd", ".json.zst")
@@ -193,3 +194,40 @@ def _file_runs(files: list[InputFile], n: int) -> list[list[InputFile]]:
         cuts.append(j)
     bounds = [0, *cuts, len(files)]
     return [files[bounds[r] : bounds[r + 1]] for r in range(n)]
+
+
+def plan(specs: list[str], shard_text: str | None, keys: list[str]):
+    """``(units, shard)`` of a run: ``--input`` expanded, every Parquet file's footer and key
+    columns checked (``InputError`` naming the file otherwise), this shard's units."""
+    from . import parquet
+    from .jsonl import CorruptInput
+
+    shard = Shard.parse(shard_text) if shard_text else None
+    files = expand(specs)
+    try:
+        if any(f.kind == "parquet" for f in files):
+            parquet.use_system_allocator()
+        for f in files:
+            if f.kind == "parquet":
+                parquet.check_columns(f.path, keys)
+        units = shard_units(files, shard, lambda f: parquet.row_group_extents(f.path))
+    except CorruptInput as e:
+        raise InputError(str(e)) from None
+    return units, shard
+
+
+def print_plan(units: list[Unit], shard: Shard | None, first_output: str, keys: int) -> dict:
+    """``preprocess --dry-run``: what this run or shard reads, on stderr."""
+    which = f"shard {shard.index}/{shard.count}" if shard else "the run"
+    total = sum(u.raw_bytes for u in units)
+    more = f", {keys - 1} more key(s))" if keys > 1 else ")"
+    print(
+        f"data-tools preprocess: dry run: {which} reads {len(units)} input(s), "
+        f"{total / 1e6:,.1f} MB, into {first_output} (and .idx{more}",
+        file=sys.stderr,
+    )
+    for u in units:
+        part = "" if u.lo == 0 and u.hi is None else f" {u.lo}-{'end' if u.hi is None else u.hi}"
+        unit = " (row groups)" if part and u.file.kind == "parquet" else " (bytes)" if part else ""
+        print(f"  {u.file.path} [{u.file.kind}]{part}{unit}", file=sys.stderr)
+    return {"units": len(units), "bytes": total, "dry_run": True}

@@ -193,6 +193,8 @@ class Batch:
     crc: int = 0
     position: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> [count, [first line numbers]]
+    lines: int = 0  # lines (rows) and raw bytes read since the previous batch (preprocess)
+    raw: int = 0
 
 
 _MISSING = object()

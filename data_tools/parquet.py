@@ -1,9 +1,10 @@
 """Parquet input (pyarrow): the ``--json-keys`` are column names.
 
 A column may hold strings (``string``, ``large_string``, ``string_view``) or lists of strings
-(sentences, as a JSON list is). Rows are read ``ROWS_PER_READ`` at a time, only the key
-columns, through a buffered stream without pre-buffering: memory is bounded by those rows and
-a page, not by the row group (a whole row group's column chunk is never held).
+(sentences, as a JSON list is). Rows are read about ``--batch-mb`` of text at a time (the row
+group's mean row size; at most ``ROWS_PER_READ`` rows), only the key columns, through a
+buffered stream without pre-buffering: memory is bounded by those rows and a page, not by the
+row group (a whole row group's column chunk is never held).
 
 Rows are numbered from 1 in the file. A row is skipped and counted, as a bad JSON line is
 (``jsonl.REASONS``), when a value is null (``null_value``), is not a string or a list of
@@ -14,10 +15,25 @@ strings (``not_string``: every row of such a column), or is not valid UTF-8
 
 from __future__ import annotations
 
+import os
+
 from .jsonl import FIRST_LINES_KEPT, BadLine, Batch, CorruptInput
 
 ROWS_PER_READ = 256
 _BUFFER = 1 << 20
+
+
+def use_system_allocator() -> None:
+    """Read Parquet with the C allocator, unless ``ARROW_DEFAULT_MEMORY_POOL`` says otherwise.
+
+    pyarrow's default pool (mimalloc) hands pages back and faults them in again as batches come
+    and go: on the 80 MB benchmark corpus that doubled the system CPU time and made Parquet
+    input 4% slower than JSONL; with the C allocator it is as fast (docs/benchmarks.md). Called
+    once by ``preprocess`` (a process-wide pyarrow setting) before the first read."""
+    import pyarrow as pa
+
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def open_file(path: str):
@@ -130,8 +146,11 @@ def read_batches(
             origin = done_bytes + size * (start_row - first) / max(n_rows, 1)
         elif start_row is not None and not origin:
             origin = done_bytes
+        # about batch_chars of text per read (the row group's mean row size), at most 256 rows
+        per_row = meta.row_group(g).total_byte_size / max(n_rows, 1)
+        rows_per_read = max(1, min(ROWS_PER_READ, int(batch_chars / max(per_row, 1))))
         for rb in pf.iter_batches(
-            batch_size=ROWS_PER_READ, row_groups=[g], columns=keys, use_threads=False
+            batch_size=rows_per_read, row_groups=[g], columns=keys, use_threads=False
         ):
             columns = [_column_values(rb.column(k)) for k in keys]
             for r in range(rb.num_rows):

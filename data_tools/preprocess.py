@@ -26,22 +26,19 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import threading
 import time
 
 import numpy as np
 
-from . import parquet
 from .indexed_writer import StreamingWriter, optimal_dtype
-from .inputs import InputError, Shard, Unit, expand, shard_units
-from .jsonl import BadLine, CorruptInput, InputSource, read_batches
+from .inputs import InputError, Shard, Unit, plan, print_plan
+from .jsonl import BadLine
 from .progress import Progress, format_summary
 from .resume import PartialRun, ResumeMismatch, finished_run, kill_point
+from .stream import StdinChanged, threaded, unit_batches, unit_start
 from .tokenizers import TOKENIZER_TYPES, build_tokenizer, file_digest
-
-_END = object()
 
 
 class UsageError(Exception):
@@ -137,50 +134,11 @@ def _validate(args) -> None:
 
 
 def plan_inputs(args) -> tuple[list[Unit], Shard | None]:
-    """This run's input units (``inputs.py``); every Parquet file's footer and key columns are
-    checked here, before any work."""
+    """This run's input units (``inputs.plan``), checked before any work."""
     try:
-        shard = Shard.parse(args.shard) if args.shard else None
-        files = expand(args.input)
-        for f in files:
-            if f.kind == "parquet":
-                parquet.check_columns(f.path, list(args.json_keys))
-        units = shard_units(files, shard, lambda f: parquet.row_group_extents(f.path))
-    except (InputError, CorruptInput) as e:
+        return plan(args.input, args.shard, list(args.json_keys))
+    except InputError as e:
         raise UsageError(str(e)) from None
-    return units, shard
-
-
-def _threaded(items, depth: int, stop: threading.Event):
-    """Iterate ``items`` in a daemon thread, ``depth`` results ahead of the consumer."""
-    q: queue.Queue = queue.Queue(depth)
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            put(e)
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def assemble(tok, batch, dtype, append_eod: bool, keep_empty: bool):
@@ -268,7 +226,8 @@ def run(args) -> dict:
     units, shard = plan_inputs(args)
     prefix = args.output_prefix + (shard.suffix() if shard else "")
     if args.dry_run:
-        return _print_plan(units, shard, prefix, list(args.json_keys))
+        keys = list(args.json_keys)
+        return print_plan(units, shard, output_paths(prefix, keys[0])[0], len(keys))
     t_start = time.monotonic()
     workers = args.workers or len(os.sched_getaffinity(0))
     tok = build_tokenizer(
@@ -309,7 +268,7 @@ def run(args) -> dict:
         raise UsageError(str(e)) from None
     state = part.state or {
         "phase": "encode",
-        "input": _unit_start(0),
+        "input": unit_start(0),
         "outputs": {k: None for k in keys},
         "stats": _new_stats(args),
     }
@@ -327,6 +286,8 @@ def run(args) -> dict:
         except BadLine as e:
             part.remove()
             raise ValueError(f"--strict: {e}") from None
+        except StdinChanged as e:
+            raise UsageError(str(e)) from None
         kill_point("index")
         state["phase"] = "rename"
         stats["outputs"] = [p for k in keys for p in finals[k]]
@@ -341,74 +302,6 @@ def run(args) -> dict:
             json.dump(stats, f, indent=1, sort_keys=True)
     print(format_summary(stats), file=sys.stderr)
     return stats
-
-
-def _print_plan(units: list[Unit], shard: Shard | None, prefix: str, keys: list[str]) -> dict:
-    which = f"shard {shard.index}/{shard.count}" if shard else "the run"
-    total = sum(u.raw_bytes for u in units)
-    print(
-        f"data-tools preprocess: dry run: {which} reads {len(units)} input(s), "
-        f"{total / 1e6:,.1f} MB, into {output_paths(prefix, keys[0])[0]} (and .idx"
-        + (f", {len(keys) - 1} more key(s))" if len(keys) > 1 else ")"),
-        file=sys.stderr,
-    )
-    for u in units:
-        part = "" if u.lo == 0 and u.hi is None else f" {u.lo}-{'end' if u.hi is None else u.hi}"
-        unit = " (row groups)" if part and u.file.kind == "parquet" else " (bytes)" if part else ""
-        print(f"  {u.file.path} [{u.file.kind}]{part}{unit}", file=sys.stderr)
-    return {"units": len(units), "bytes": total, "dry_run": True}
-
-
-def _unit_start(index: int) -> dict:
-    """Resume state at the start of unit ``index`` (``offset`` None: not entered yet)."""
-    return {"unit": index, "offset": None, "line": 0, "crc": 0, "done": False}
-
-
-def _unit_batches(units, keys, args, inp):
-    """Reader thread: ``(unit index, Batch)`` for every batch of every unit from the resume
-    point on, and ``(unit index, None)`` after a unit's last batch. Each batch also carries
-    ``lines`` (lines or rows read) and ``raw`` (raw bytes read) since the previous one."""
-    for index in range(inp["unit"], len(units)):
-        unit = units[index]
-        resume = inp if index == inp["unit"] and inp["offset"] is not None else None
-        if unit.file.kind == "parquet":
-            meta = parquet.open_file(unit.file.path).metadata
-            end = meta.num_row_groups if unit.hi is None else unit.hi
-            batches = parquet.read_batches(
-                unit.file.path, keys, int(args.batch_mb * 1e6), range(unit.lo, end),
-                start_row=resume["offset"] if resume else None, strict=args.strict,
-            )  # fmt: skip
-            line = sum(meta.row_group(g).num_rows for g in range(unit.lo))
-            line, pos, source = resume["line"] if resume else line, 0, None
-        else:
-            source = InputSource(unit.file.path, unit.lo, unit.hi)
-            if resume:
-                try:
-                    crc = source.skip_to(resume["offset"])
-                except ValueError as e:
-                    raise UsageError(f"stdin differs from the interrupted run: {e}") from None
-                if crc >= 0 and crc != resume["crc"]:
-                    raise UsageError(
-                        "stdin differs from the interrupted run (checksum of the first "
-                        f"{resume['offset']:,} bytes); add --overwrite to start over"
-                    )
-                line, crc = resume["line"], resume["crc"]
-            else:
-                line, crc = (source.start_line() if unit.lo else 0), 0
-            pos = source.position()
-            batches = read_batches(
-                source, keys, batch_chars=int(args.batch_mb * 1e6), start_line=line,
-                start_crc=crc, strict=args.strict,
-            )  # fmt: skip
-        try:
-            for batch in batches:
-                batch.lines, batch.raw = batch.end_line - line, batch.position - pos
-                line, pos = batch.end_line, batch.position
-                yield index, batch
-        finally:
-            if source is not None:
-                source.close()
-        yield index, None
 
 
 def _encode(args, tok, dtype, keys, units, part, state, workers, t_start) -> None:
@@ -434,8 +327,8 @@ def _encode(args, tok, dtype, keys, units, part, state, workers, t_start) -> Non
     progress = Progress(args.progress, total or None, args.log_interval, done_bytes, len(units))
     progress.files_done = inp["unit"]
     stop = threading.Event()
-    batches = _threaded(_unit_batches(units, keys, args, dict(inp)), 2, stop)
-    encoded = _threaded(
+    batches = threaded(unit_batches(units, keys, args, dict(inp)), 2, stop)
+    encoded = threaded(
         (
             (i, b, None if b is None else assemble(tok, b, dtype, args.append_eod, args.keep_empty))
             for i, b in batches
@@ -454,7 +347,7 @@ def _encode(args, tok, dtype, keys, units, part, state, workers, t_start) -> Non
             if batch is None:  # the unit is finished
                 kind["files"] += 1
                 inp.clear()
-                inp.update(_unit_start(index + 1), done=index + 1 == len(units))
+                inp.update(unit_start(index + 1), done=index + 1 == len(units))
                 progress.files_done = index + 1
                 continue
             per_key, kept, empty = result
