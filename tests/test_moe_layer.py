@@ -223,3 +223,14 @@ def test_expert_mlp_gradcheck_with_empty_experts(splits):
     for e, n_e in enumerate(splits):
         if n_e == 0:  # an expert without tokens gets an all-zero (not a missing) gradient
             assert torch.all(w13.grad[e] == 0) and torch.all(w2.grad[e] == 0)
+
+
+def test_the_experts_run_through_their_module_call():
+    """Megatron's DDP waits for an overlapped parameter all-gather in forward pre-hooks: the
+    local path (dispatch, experts and combine in one node) must call the experts module too
+    (calling a method of it instead left --overlap-param-gather reading stale weights)."""
+    layer = _layer()
+    calls = []
+    layer.experts.register_forward_pre_hook(lambda module, args: calls.append(len(args)))
+    layer(_inputs(0))[0].sum().backward()
+    assert calls == [4]  # x_TH, splits, splits_L, (probs_TK, meta): the local node

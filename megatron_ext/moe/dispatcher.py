@@ -260,7 +260,7 @@ def dispatch(
     Returns ``x_MH`` (rows for this rank's L local experts, grouped by local expert; folded:
     the rows of the whole expert-TP group) and the metadata for :func:`combine`.
     ``send_rows=False`` (one rank, no exchange): only the metadata, ``x_MH`` is None (experts
-    that gather their rows themselves, ``GroupedExperts.forward_local``).
+    that gather their rows themselves: ``GroupedExperts.forward(..., combine_with=...)``).
     """
     num_tokens, k = topk_ids_TK.shape
     ids_N = topk_ids_TK.reshape(-1)

@@ -200,31 +200,34 @@ class GroupedExperts(torch.nn.Module):
                 config.init_method(self.w13[local, fs:])
                 config.output_layer_init_method(self.w2[local])
 
-    def forward(self, x_MH, splits: tuple[int, ...], splits_L: torch.Tensor) -> torch.Tensor:
-        """Run the local experts on rows grouped by local expert (``splits`` rows each)."""
-        if self.te is not None:
-            return self.te(x_MH, self.w13, self.w2, splits, swiglu, _LoopExperts.apply)
+    def forward(
+        self, x_MH, splits: tuple[int, ...], splits_L: torch.Tensor, combine_with=None
+    ) -> torch.Tensor:
+        """Run the local experts on rows grouped by local expert (``splits`` rows each).
+
+        ``combine_with = (probs_TK, meta)`` (a local dispatch, ``dispatch(..., send_rows=
+        False)``, where :meth:`runs_local`): ``x_MH`` is then the tokens ``x_TH`` themselves and
+        the result the combined ``y_TH``: the dispatch's gather, the experts and the combine in
+        one node (:class:`~megatron_ext.moe.loop_experts._LocalExperts`). Always through the
+        module call: Megatron's DDP waits for the experts' overlapped parameter all-gather in a
+        forward pre-hook of this module."""
         fuse = self.fuse_wgrad and hasattr(self.w13, "main_grad")  # under Megatron's DDP
         recompute = self.recompute_act and torch.is_grad_enabled()
+        if combine_with is not None:
+            probs_TK, meta = combine_with
+            k = probs_TK.shape[1]
+            return _LocalExperts.apply(
+                x_MH, self.w13, self.w2, probs_TK, meta.pair_to_sorted_N.view(-1, k),
+                meta.sorted_token_N, meta.sorted_pair_N, tuple(splits), fuse, recompute,
+            )  # fmt: skip
+        if self.te is not None:
+            return self.te(x_MH, self.w13, self.w2, splits, swiglu, _LoopExperts.apply)
         return expert_mlp(x_MH, self.w13, self.w2, splits, splits_L, fuse, recompute)
 
     def runs_local(self, x_TH) -> bool:
-        """Whether :meth:`forward_local` applies to these tokens: the expert loop runs them
-        (neither FP8 nor the grouped GEMM)."""
+        """Whether ``forward(..., combine_with=...)`` applies to these tokens: the expert loop
+        runs them (neither FP8 nor the grouped GEMM)."""
         return self.te is None and not _use_torch_grouped_mm(x_TH, self.w13, self.w2)
-
-    def forward_local(self, x_TH, probs_TK, meta) -> torch.Tensor:
-        """``y_TH``: the experts on a local dispatch (``meta.local``; ``dispatch(...,
-        send_rows=False)``) with the dispatch's gather and the combine in the same node
-        (:class:`~megatron_ext.moe.loop_experts._LocalExperts`)."""
-        fuse = self.fuse_wgrad and hasattr(self.w13, "main_grad")
-        recompute = self.recompute_act and torch.is_grad_enabled()
-        k = probs_TK.shape[1]
-        return _LocalExperts.apply(
-            x_TH, self.w13, self.w2, probs_TK, meta.pair_to_sorted_N.view(-1, k),
-            meta.sorted_token_N, meta.sorted_pair_N, tuple(meta.tokens_per_local_expert), fuse,
-            recompute,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

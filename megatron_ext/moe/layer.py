@@ -251,7 +251,8 @@ class SMoELayer(MegatronModule):
         local = self.local_dispatch and not capacity and self.experts.runs_local(x_TH)
         x_MH, meta = dispatch(x_TH, ids_TK, self.num_experts, self.dispatch_groups, not local)
         if local:
-            y_TH = self.experts.forward_local(x_TH, probs_TK, meta)
+            splits = meta.tokens_per_local_expert
+            y_TH = self.experts(x_TH, splits, meta.tokens_per_local_expert_L, (probs_TK, meta))
         else:
             pad_to = capacity if cfg.moe_pad_expert_input_to_capacity else 0
             y_TH = combine(self._run_experts(x_MH, meta, pad_to), probs_TK, meta)
