@@ -122,9 +122,9 @@ def _train(argv):
 
 
 def test_term_and_requeue_save_resume_and_finish_like_an_uninterrupted_run(slurm, tmp_path):
-    # Long enough (150 iterations, about 30 s of training here) that the second signal, sent 3
-    # iterations after the resumed run's first (1-2 s later), always lands while it still trains;
-    # a save (at 10) precedes the first signal (at 12+).
+    # Long enough (150 iterations, about 30 s of training here) that the second signal, sent
+    # once the resumed run has trained 3 more iterations (it landed at ~17), always lands while
+    # that run still trains; a save (at 10) precedes the first signal (at 12+).
     run_dir, iters = tmp_path / "run", 150
     job = submit(slurm, run_dir, "cycle", iters, save_interval=10)
     # 1. The time-limit signal: TERM to the batch shell only (#SBATCH --signal=B:TERM@N).
