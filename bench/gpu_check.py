@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py [--report gpu_check.md] [--wheelhouse .whl]
 
-On a machine without CUDA it says so and exits 0. With a GPU it runs, in about 5 minutes on
+On a machine without CUDA it says so and exits 0. With a GPU it runs, in about 3 minutes on
 an H100/H200 (each part bounded; a part that fails is reported and the rest still run):
 
 1. the environment: GPU, compute capability, torch / CUDA / Megatron-Core / TE versions;
@@ -11,9 +11,16 @@ an H100/H200 (each part bounded; a part that fails is reported and the rest stil
 3. the MoE layer in bf16 at Mixtral 8x7B shapes (hidden 4096, FFN 14336, 8 experts, top-2,
    16384 tokens) beside a dense bf16 SwiGLU MLP of equal FLOPs and its bare GEMMs
    (``bench/moe_layer.py``);
-4. a 2-layer Mixtral-8x7B-shaped bf16 training proxy on this GPU (``pretrain_mixtral.py``,
-   sequence 4096, mock data): tokens/s, TFLOP/s and MFU (median of the timed iterations);
-5. the same proxy with FP8 (``--fp8-format hybrid``) when Transformer Engine imports.
+4. the fine-grained layer in bf16 at DeepSeek-MoE 16B shapes (hidden 2048, 64 experts of FFN
+   1408, top-6, shared width 2816, 16384 tokens) beside HF transformers' ``DeepseekV3MoE`` and
+   ``Qwen2MoeSparseMoeBlock`` and the dense ceilings of equal FLOPs;
+5. a 2-layer Mixtral-8x7B-shaped bf16 training proxy on this GPU (``pretrain_mixtral.py``,
+   sequence 4096, mock data): tokens/s, TFLOP/s and MFU (median of the timed iterations), and
+   the same for DeepSeek-MoE 16B's first two layers (one dense, one fine-grained MoE);
+6. the 8x7B proxy with FP8 (``--fp8-format hybrid``) when Transformer Engine imports.
+
+Each part is printed to stderr and written to the report as soon as it ends, so a run cut short
+keeps what it finished.
 
 Machines without package access: Megatron-Core is the one dependency a CUDA PyTorch image may
 lack. ``bash bench/gpu_wheelhouse.sh`` (here, with pip) downloads its wheel for Python 3.12
@@ -41,10 +48,26 @@ sys.path.insert(0, REPO)
 
 MOE_8X7B = "--tokens 16384 --hidden 4096 --ffn 14336 --experts 8 --topk 2 --iters 10 --warmup 3"
 MOE_TOY = "--tokens 64 --hidden 64 --ffn 128 --experts 4 --topk 2 --iters 1 --warmup 0"
+# DeepSeek-MoE 16B's MoE layer: 64 routed experts of FFN 1408, top-6, shared width 2816
+FINE_16B = (
+    "--tokens 16384 --hidden 2048 --ffn 1408 --experts 64 --topk 6 --shared-ffn 2816"
+    " --iters 10 --warmup 3"
+)
+FINE_TOY = (
+    "--tokens 64 --hidden 64 --ffn 32 --experts 8 --topk 4 --shared-ffn 64 --iters 1 --warmup 0"
+)
+MOE_ONLY = ("ours", "ceiling", "gemm-chain")
+FINE_ONLY = ("ours", "hf-deepseek-v3", "hf-qwen2-moe", "ceiling", "ceiling-wide")
 PROXY_8X7B = (
     "--model 8x7b --num-layers 2 --seq-length 4096 --micro-batch-size 1 --global-batch-size 8"
     " --train-iters 8 --log-interval 1 --eval-iters 0 --mock-data --vocab-size 32000 --bf16"
     " --lr 1e-4 --lr-warmup-iters 0 --seed 1"
+)
+# DeepSeek-MoE 16B's first (dense) layer and one MoE layer, vocabulary 102400
+PROXY_16B = (
+    "--model deepseek-moe-16b --num-layers 2 --moe-layer-freq [0]*1+[1]*1 --seq-length 4096"
+    " --micro-batch-size 1 --global-batch-size 8 --train-iters 8 --log-interval 1 --eval-iters 0"
+    " --mock-data --vocab-size 102400 --bf16 --lr 1e-4 --lr-warmup-iters 0 --seed 1"
 )
 PROXY_TOY = (
     "--model tiny --seq-length 64 --micro-batch-size 2 --global-batch-size 4 --train-iters 3"
@@ -78,6 +101,12 @@ def environment() -> list[str]:
         f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)",
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}",
     ]
+    from megatron_ext.fallback_kernels import fp32_accumulation
+
+    lines.append(
+        "- weight gradients accumulate in fp32 inside cuBLAS (`addmm` with `out_dtype`): "
+        f"{'yes' if fp32_accumulation(torch.cuda.current_device()) else 'no (this PyTorch)'}"
+    )
     for name in ("megatron.core", "transformer_engine"):
         try:
             module = importlib.import_module(name)
@@ -101,13 +130,13 @@ def gpu_tests() -> list[str]:
     return lines
 
 
-def moe_layer(shapes: str) -> list[str]:
+def moe_layer(shapes: str, only: tuple[str, ...] = MOE_ONLY) -> list[str]:
     import importlib.util as iu
 
     spec = iu.spec_from_file_location("moe_layer", os.path.join(REPO, "bench", "moe_layer.py"))
     bench = iu.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = f"--device cuda --dtype bf16 {shapes} --only ours ceiling gemm-chain".split()
+    argv = f"--device cuda --dtype bf16 {shapes} --only {' '.join(only)}".split()
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -186,22 +215,41 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     impl = "--transformer-impl transformer_engine" if _has_te() else "--transformer-impl local"
-    proxy = PROXY_TOY if a.rehearse else PROXY_8X7B
-    report = ["# GPU check", "", *_part("Environment", environment)]
-    report += _part("GPU tests", gpu_tests)
-    report += _part("MoE layer, bf16", moe_layer, MOE_TOY if a.rehearse else MOE_8X7B)
-    report += _part("Training proxy, bf16", training_proxy, f"{proxy} {impl}", "bf16")
+    toy = a.rehearse
+    proxy = PROXY_TOY if toy else PROXY_8X7B
+    proxy_16b = PROXY_TOY.replace("--model tiny", "--model tiny-deepseek") if toy else PROXY_16B
+    parts = [
+        ("Environment", environment),
+        ("GPU tests", gpu_tests),
+        ("MoE layer, bf16", moe_layer, MOE_TOY if toy else MOE_8X7B),
+        ("Fine-grained MoE layer (DeepSeek-MoE 16B shapes), bf16", moe_layer,
+         FINE_TOY if toy else FINE_16B, FINE_ONLY),
+        ("Training proxy, bf16", training_proxy, f"{proxy} {impl}", "bf16"),
+        ("Training proxy, DeepSeek-MoE 16B layers, bf16", training_proxy,
+         f"{proxy_16b} {impl}", "bf16, first layer dense, second fine-grained MoE"),
+    ]  # fmt: skip
     if _has_te():
         fp8 = f"{proxy} {impl} --fp8-format hybrid --fp8-recipe delayed"
-        report += _part("Training proxy, FP8", training_proxy, fp8, "fp8 (hybrid, delayed)")
-    else:
+        parts.append(("Training proxy, FP8", training_proxy, fp8, "fp8 (hybrid, delayed)"))
+    report = ["# GPU check", ""]
+    for title, fn, *args in parts:
+        # each part is printed and written as soon as it ends: a run cut short keeps the rest
+        report += _part(title, fn, *args)
+        _publish(report, a.report)
+    if not _has_te():
         report += ["## Training proxy, FP8", "", "- skipped: Transformer Engine not importable", ""]
-    text = "\n".join(report)
-    print(text)
-    if a.report:
-        with open(a.report, "w") as f:
-            f.write(text + "\n")
+    text = _publish(report, a.report)
+    print(text, flush=True)
     return 1 if "FAILED" in text else 0
+
+
+def _publish(report: list[str], path: str | None) -> str:
+    text = "\n".join(report)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(f"gpu_check: {report[-1] if report[-1] else report[-2]}", file=sys.stderr, flush=True)
+    return text
 
 
 def _has_te() -> bool:

@@ -324,6 +324,39 @@ def _step(fn, x, dy):
         out.backward(dy.view_as(out))
 
 
+def _profile(name, run, x, dy, a) -> None:
+    """``--profile``: the op table of 3 steps and, on CUDA, the host syncs of one step."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    module, fn = run
+    cuda = a.device != "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            _step(fn, x, dy)
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+    syncs = "-"
+    if cuda:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _step(fn, x, dy)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = str(sum("synchroniz" in str(w.message) for w in caught))
+    os.makedirs(a.profile, exist_ok=True)
+    with open(os.path.join(a.profile, f"{name}.txt"), "w") as f:
+        f.write(f"{name}: 3 steps; host syncs in one step: {syncs}\n{table}\n")
+    print(f"# {name}: profile in {a.profile}/{name}.txt, host syncs per step: {syncs}",
+          file=sys.stderr)  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -343,6 +376,12 @@ def main(argv=None):
         "(as in training); --no-main-grad: plain autograd grads",
     )  # fmt: skip
     p.add_argument("--only", nargs="*", choices=sorted(CONTENDERS), help="subset to run")
+    p.add_argument(
+        "--profile", metavar="DIR",
+        help="after timing, profile 3 more steps of each contender with torch.profiler: its "
+        "kernel table in DIR/<name>.txt (device time on CUDA) and, on CUDA, the host syncs of "
+        "one step (torch.cuda.set_sync_debug_mode)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -376,6 +415,9 @@ def main(argv=None):
                 torch.cuda.synchronize()
             if it >= a.warmup:
                 times[name].append((time.perf_counter() - w0, time.process_time() - c0))
+    if a.profile:
+        for name in order:
+            _profile(name, runs[name], x, dy, a)
     print(
         f"T={a.tokens} H={a.hidden} F={a.ffn} E={a.experts} K={a.topk} Fs={a.shared_ffn} "
         f"{a.dtype} {a.device} "

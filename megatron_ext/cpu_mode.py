@@ -136,6 +136,7 @@ class _CudaAsCpu(TorchFunctionMode):
         if func is torch.Tensor.pin_memory:
             return args[0]
         if _targets_cuda(func, args, kwargs, dev):
+            dev.host_to_device(func, args, kwargs)
             if func is torch.Tensor.cuda:
                 return dev.to_device(args[0], args[0])
             if "device" in kwargs:

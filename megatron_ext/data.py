@@ -93,7 +93,12 @@ def build_datasets(args: argparse.Namespace, tokenizer):
 def micro_batches(
     dataset, consumed_samples: int, args: argparse.Namespace
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches, forever from ``consumed_samples`` on (see module docstring)."""
+    """This rank's micro-batches, forever from ``consumed_samples`` on (see module docstring).
+
+    On a GPU the tensors are in page-locked memory (as Megatron-LM's ``pin_memory=True`` data
+    loader gives them), so that ``get_batch``'s ``non_blocking`` copies are queued on the stream
+    instead of waiting for it."""
+    pin = torch.cuda.is_available()  # False under --cpu (CPU mode)
     mb = args.micro_batch_size
     dp = parallel_state.get_data_parallel_world_size()
     rank = parallel_state.get_data_parallel_rank()
@@ -101,5 +106,6 @@ def micro_batches(
     while True:
         first = start + rank * mb
         samples = [dataset[(first + i) % len(dataset)] for i in range(mb)]
-        yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        yield {k: v.pin_memory() for k, v in batch.items()} if pin else batch
         start += mb * dp

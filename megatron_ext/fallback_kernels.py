@@ -12,10 +12,13 @@ with ``--no-gradient-accumulation-fusion``): the weight gradient GEMM of each li
 straight into the DDP buffer's ``main_grad`` instead of returning a fresh gradient that DDP's
 hook then adds in (``main_grad.add_(grad)``). Without apex Megatron-Core refuses the option;
 :class:`WgradAccumulation` is the same contract on ``torch.addmm_`` (a GEMM with beta = 1 on
-CPU and CUDA alike): no gradient-sized allocation (page faults on CPU), no extra pass over it.
+CPU and CUDA alike; bf16 operands into fp32 ``main_grad`` on CUDA through ``addmm`` with
+``out_dtype``): no gradient-sized allocation (page faults on CPU), no extra pass over it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -43,13 +46,33 @@ def use_in_place_grad_scaling() -> bool:
 
 
 def accumulate_wgrad(main_grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``main_grad += a @ b``: inside the GEMM (beta = 1) when the dtypes agree; with bf16/fp16
-    operands and fp32 ``main_grad``, the half-precision product added in, exactly what DDP's
-    hook would add from an unfused layer."""
+    """``main_grad += a @ b``: inside the GEMM (beta = 1) when the dtypes agree. With bf16/fp16
+    operands and fp32 ``main_grad``: on CUDA, where this PyTorch can (:func:`fp32_accumulation`),
+    also inside the GEMM, products accumulated in fp32 and added into ``main_grad`` by cuBLAS's
+    epilogue (apex's ``wgrad_gemm_accum_fp32``: no half-precision gradient, no second pass over
+    ``main_grad``); elsewhere the half-precision product added in, exactly what DDP's hook would
+    add from an unfused layer."""
     if main_grad.dtype == a.dtype:
         main_grad.addmm_(a, b)
+    elif main_grad.is_cuda and fp32_accumulation(main_grad.device.index or 0):
+        torch.addmm(main_grad, a, b, out_dtype=main_grad.dtype, out=main_grad)
     else:
         main_grad.add_(torch.mm(a, b))
+
+
+@functools.cache  # a property of this PyTorch build, asked once per process and device
+def fp32_accumulation(device_index: int) -> bool:
+    """Whether ``torch.addmm(c_fp32, a_half, b_half, out_dtype=float32, out=c_fp32)`` runs on
+    this CUDA device. PyTorch's ``addmm.dtype_out`` exists since 2.8 but its CUDA kernel took an
+    fp32 ``self`` only later ("self and mat2 must have the same dtype" before): tried once on
+    2x2 matrices (the checks run on the host before the launch: no sync)."""
+    c = torch.zeros(2, 2, device=f"cuda:{device_index}")
+    a = torch.zeros(2, 2, dtype=torch.bfloat16, device=c.device)
+    try:
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+    except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        return False
+    return True
 
 
 class WgradAccumulation:

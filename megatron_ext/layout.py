@@ -331,11 +331,16 @@ def fused_softmax_available() -> bool:
 
 def _masked_softmax_fusion(args: argparse.Namespace) -> bool:
     """Fuse the local attention's softmax only on GPUs whose install has the kernels; say so
-    once when they are missing (the first attention forward would fail on the import)."""
+    once when they are missing (the first attention forward would fail on the import) and
+    Megatron's ``DotProductAttention`` runs (``--attention-backend unfused|local``)."""
     if args.cpu or args.transformer_impl != "local" or args.no_masked_softmax_fusion:
         return False
     if fused_softmax_available():
         return True
+    from megatron_ext.model.builder import uses_sdpa
+
+    if uses_sdpa(args):  # PyTorch's flash / memory-efficient kernels: no softmax of ours runs
+        return False
     args.notices.append(
         "masked softmax fusion is off: apex's scaled_masked_softmax_cuda kernels are not "
         "installed (NGC PyTorch containers have them); attention uses PyTorch's softmax"

@@ -6,6 +6,9 @@ realistic sizes, and, in every CI run, in a rank under the GPU rules at small si
 lent to run them.
 
 * the grouped GEMM path of the experts equals the loop in bf16, forward and backward;
+* with gradient accumulation fusion, its weight gradients added into fp32 ``main_grad``
+  expert by expert equal autograd's bf16 weight gradients (and whether this PyTorch's cuBLAS
+  path with fp32 accumulation ran);
 * the expert-parallel all-to-all and count all-gather work over NCCL (world size 1);
 * one training step, a save, and a resume that continues with the same loss.
 """
@@ -43,6 +46,31 @@ def grouped_gemm_equals_loop(hidden: int, ffn: int, splits: tuple[int, ...]) -> 
     ]
 
 
+def fused_wgrad_equals_autograd(hidden: int, ffn: int, splits: tuple[int, ...]):
+    """Relative max differences (dx, dw13, dw2) of the fused path (weight gradients into
+    ``main_grad``) against autograd's grouped GEMMs, and whether fp32 accumulation ran."""
+    from megatron_ext.fallback_kernels import fp32_accumulation
+    from megatron_ext.moe.experts import expert_mlp
+
+    torch.manual_seed(0)
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(sum(splits), hidden, **dev, requires_grad=True)
+    w13 = (torch.randn(len(splits), 2 * ffn, hidden, **dev) * hidden**-0.5).requires_grad_()
+    w2 = (torch.randn(len(splits), hidden, ffn, **dev) * ffn**-0.5).requires_grad_()
+    splits_l = torch.tensor(splits, device="cuda")
+    dy = torch.randn(sum(splits), hidden, **dev)
+    want = torch.autograd.grad(expert_mlp(x, w13, w2, splits, splits_l), (x, w13, w2), dy)
+    w13.main_grad = torch.zeros(w13.shape, device="cuda")
+    w2.main_grad = torch.zeros(w2.shape, device="cuda")
+    expert_mlp(x, w13, w2, splits, splits_l, fuse_wgrad=True).backward(dy)
+    got = (x.grad, w13.main_grad, w2.main_grad)
+    diffs = [
+        float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        for a, b in zip(got, want, strict=True)
+    ]
+    return diffs, fp32_accumulation(torch.cuda.current_device())
+
+
 def nccl_all_to_all(rows: int, hidden: int) -> bool:
     """Our differentiable all-to-all and the count all-gather over a 1-rank NCCL group."""
     import torch.distributed as dist
@@ -69,6 +97,22 @@ def test_grouped_gemm_equals_loop_on_cuda():
 def test_grouped_gemm_check_under_gpu_rules():
     diffs = run_on_ranks(grouped_gemm_equals_loop, 1, args=(64, 128, (8, 0, 24)), gpu_rules=True)
     assert max(diffs[0]) < 2e-2, diffs
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_fused_weight_gradients_equal_autograd_on_cuda():
+    diffs, fp32 = fused_wgrad_equals_autograd(4096, 1792, (512, 0, 300, 2000, 16, 1000, 64, 500))
+    print(f"fused expert wgrad: fp32 accumulation in cuBLAS: {fp32}; rel. diffs {diffs}")
+    assert diffs[0] == 0.0, diffs  # the same grouped GEMMs for dx
+    assert max(diffs[1:]) < 1e-2, diffs  # fp32 vs bf16 accumulation of the weight gradients
+
+
+def test_fused_wgrad_check_under_gpu_rules():
+    diffs, fp32 = run_on_ranks(
+        fused_wgrad_equals_autograd, 1, args=(64, 128, (8, 0, 24)), gpu_rules=True
+    )[0]
+    assert fp32 and diffs[0] == 0.0 and max(diffs[1:]) < 1e-2, (diffs, fp32)
 
 
 @pytest.mark.gpu

@@ -38,8 +38,16 @@ def test_every_part_runs_under_gpu_rules(tmp_path):
     report = tmp_path / "report.md"
     assert run_on_ranks(_rehearse, 1, args=(str(report),), gpu_rules=True, timeout=600)[0] == 0
     text = report.read_text()
-    for part in ("## Environment", "## GPU tests", "## MoE layer, bf16", "## Training proxy"):
+    for part in (
+        "## Environment",
+        "## GPU tests",
+        "## MoE layer, bf16",
+        "## Training proxy",
+        "## Fine-grained MoE layer",
+        "## Training proxy, DeepSeek-MoE 16B layers",
+    ):
         assert part in text
+    assert "| hf-deepseek-v3 |" in text and "| hf-qwen2-moe |" in text
     assert "NVIDIA H100 80GB HBM3 (compute capability 9.0" in text
     assert "| ours |" in text and "| ceiling |" in text
     assert "tokens/s" in text and "MFU" in text and "FAILED" not in text

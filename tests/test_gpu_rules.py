@@ -54,6 +54,13 @@ def _tagging():
     torch.bincount(torch.tensor([1, 2], device="cuda"))
     float(x.max())
     out["syncs"] = dict(rules.syncs)
+    rules.reset_counters()
+    host.to("cuda", non_blocking=True)  # queued: nothing waits
+    host.pin_memory().cuda(non_blocking=True)
+    out["queued_copies"] = dict(rules.syncs)
+    host.to("cuda")  # cudaMemcpyAsync + cudaStreamSynchronize
+    host.cuda()
+    out["waiting_copies"] = dict(rules.syncs)
     return out
 
 
@@ -67,7 +74,11 @@ def test_tensors_placed_on_cuda_behave_as_device_memory():
     assert out["module"] == (True, True, True)
     assert "Expected all tensors to be on the same device" in out["mixed"]
     assert out["scalar_ok"] and out["index_ok"]
-    assert out["syncs"] == {"_local_scalar_dense": 2, "index": 1, "bincount": 2}
+    h2d = "host->device copy without non_blocking"
+    # torch.tensor(data, device="cuda") copies its data over and waits for it
+    assert out["syncs"] == {"_local_scalar_dense": 2, "index": 1, "bincount": 2, h2d: 1}
+    assert out["queued_copies"] == {}
+    assert out["waiting_copies"] == {h2d: 2}
 
 
 def _collectives():
@@ -151,3 +162,21 @@ def test_sdpa_allocates_like_its_inputs_under_the_rules():
     """SDPA's math path (dropout, bf16) builds its causal and dropout masks with the query's
     options: device memory on a GPU, so not a host tensor reaching a device op."""
     assert run_on_ranks(_sdpa_with_dropout, 1, gpu_rules=True)[0] == (True, True, True)
+
+
+def _one_hot_of_device_indices():
+    import torch.nn.functional as F
+
+    from megatron_ext.gpu_rules import is_device
+
+    idx = torch.tensor([[0, 3], [2, 1]], device="cuda")
+    out = F.one_hot(idx, num_classes=5)  # HF's Qwen2-MoE / DeepSeek-V3 expert masks
+    return is_device(out), out.sum(-1).tolist(), out.argmax(-1).tolist()
+
+
+def test_one_hot_allocates_like_its_input_under_the_rules():
+    """``one_hot`` of a tensor subclass compares against ``arange(num_classes, input.options())``:
+    device memory on a GPU, so the rules must not call it a host tensor reaching a device op
+    (they did: HF's MoE blocks failed the GPU check's rehearsal)."""
+    got = run_on_ranks(_one_hot_of_device_indices, 1, gpu_rules=True)[0]
+    assert got == (True, [[1, 1], [1, 1]], [[0, 3], [2, 1]])

@@ -53,6 +53,53 @@ def test_grouped_gemm_runs_in_bf16_on_hopper_and_equals_the_loop():
     assert max(diffs) < 2e-2, diffs  # bf16 rounding, one zero-row expert included
 
 
+def _fused_wgrad(recompute, splits=(8, 0, 16, 8)):
+    """expert_mlp with gradient accumulation fusion against the unfused grouped path."""
+    from megatron_ext import gpu_rules
+    from megatron_ext.moe.experts import expert_mlp
+
+    torch.manual_seed(0)
+    h, f, m = 64, 128, sum(splits)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, h, **bf16, requires_grad=True)
+    w13 = (torch.randn(len(splits), 2 * f, h, **bf16) * 0.1).requires_grad_()
+    w2 = (torch.randn(len(splits), h, f, **bf16) * 0.1).requires_grad_()
+    splits_l = torch.tensor(splits, device="cuda")
+    dy = torch.randn(m, h, **bf16)
+    y_ref = expert_mlp(x, w13, w2, splits, splits_l)  # autograd's grouped GEMMs, bf16 grads
+    ref = torch.autograd.grad(y_ref, (x, w13, w2), dy)
+    before = [torch.randn(w.shape, device="cuda") for w in (w13, w2)]  # earlier micro-batches
+    w13.main_grad, w2.main_grad = (b.clone() for b in before)
+    rules = gpu_rules.rules()
+    rules.reset_counters()
+    y = expert_mlp(x, w13, w2, splits, splits_l, fuse_wgrad=True, recompute_act=recompute)
+    y.backward(dy)
+    paths, syncs = dict(rules.grouped_mm), dict(rules.syncs)
+    added = [w.main_grad - b for w, b in zip((w13, w2), before, strict=True)]
+    rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+    return dict(
+        y=rel(y, y_ref), dx=rel(x.grad, ref[0]), dw13=rel(added[0], ref[1]),
+        dw2=rel(added[1], ref[2]), paths=paths, syncs=syncs,
+        empty_expert_untouched=all(bool(w.main_grad[1].eq(b[1]).all())
+                                   for w, b in zip((w13, w2), before, strict=True)),
+        flagged=(w13.grad_added_to_main_grad, w2.grad_added_to_main_grad),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_weight_gradients_go_into_main_grad_on_the_grouped_path(recompute):
+    """Gradient accumulation fusion on the grouped path: the forward and the input gradients are
+    the grouped GEMMs (4 of them), each expert's weight gradient is added into main_grad by one
+    GEMM (fp32 accumulation), equal to autograd's bf16 weight gradients to bf16 rounding; an
+    expert without rows keeps its main_grad; DDP's hook is told not to add again."""
+    got = run_on_ranks(_fused_wgrad, 1, args=(recompute,), gpu_rules=True)[0]
+    assert got["paths"] == {"fast": 4}, got
+    assert got["syncs"] == {}, got
+    assert got["y"] == 0.0 and got["dx"] == 0.0, got  # the same GEMMs as autograd's
+    assert got["dw13"] < 1e-2 and got["dw2"] < 1e-2, got  # bf16 vs fp32 accumulation
+    assert got["empty_expert_untouched"] and got["flagged"] == (True, True), got
+
+
 @pytest.mark.parametrize(
     "ffn,dtype,device",
     [

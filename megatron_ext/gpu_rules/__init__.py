@@ -67,8 +67,11 @@ class _DeviceSemantics:
     # on the input's device; here (the storage is host memory) on the CPU, below anything that
     # could tag it. Inside them every factory op is device memory (``_FactoriesOnDevice``).
     # SDPA takes its math path on device tensors (the fused CPU kernels refuse subclasses),
-    # which builds its causal mask and dropout mask that way.
-    composites = frozenset({torch.nn.functional.scaled_dot_product_attention})
+    # which builds its causal mask and dropout mask that way. ``one_hot`` of a tensor subclass
+    # compares with ``arange(num_classes, input.options())`` (HF's MoE blocks' expert masks).
+    composites = frozenset(
+        {torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.one_hot}
+    )
 
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
@@ -89,6 +92,25 @@ class _DeviceSemantics:
         if any(out is s for s in sources if isinstance(s, torch.Tensor)):
             out = out.detach().clone().requires_grad_(out.requires_grad)
         return DeviceTensor(out)
+
+    # Placements on CUDA that copy host data: ``tensor.to("cuda")``, ``.cuda()``, and the
+    # factories that take Python data (``torch.tensor(data, device="cuda")``).
+    _COPIES = frozenset({torch.Tensor.to, torch.Tensor.cuda, torch.tensor, torch.as_tensor})
+
+    def host_to_device(self, func, args, kwargs) -> None:
+        """A host -> device copy without ``non_blocking=True`` waits for the stream (PyTorch's
+        ``memcpy_and_sync``: ``cudaMemcpyAsync`` + ``cudaStreamSynchronize``); with it, the
+        copy is queued (from pinned memory, or staged from pageable memory) and nothing
+        waits. ``torch.tensor(data, device="cuda")`` always copies that way."""
+        if func not in self._COPIES:
+            return
+        if func in (torch.Tensor.to, torch.Tensor.cuda):
+            if not isinstance(args[0], torch.Tensor) or is_device(args[0]):
+                return  # device -> device
+            positional = [a for a in args[2:] if isinstance(a, bool)]
+            if kwargs.get("non_blocking", positional[0] if positional else False):
+                return
+        self.ruleset.sync("host->device copy without non_blocking")
 
     def to_host(self, func, args, kwargs):
         """``.cpu()`` / ``.to("cpu")`` of a device tensor: a host copy (and a sync)."""

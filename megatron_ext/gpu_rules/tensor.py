@@ -17,7 +17,9 @@ so gradients of device tensors are device tensors too), and
   ``masked_select``, boolean indexing, ``repeat_interleave`` without ``output_size``, device to
   host copies, and ``torch._grouped_mm``'s slow fallback (``offs.cpu()``);
 * checks ``torch._grouped_mm`` calls that would take the CUDA fast path (bf16 on sm90) against
-  PyTorch's meta kernel with the same shapes and strides (16-byte strides, dtype, offsets).
+  PyTorch's meta kernel with the same shapes and strides (16-byte strides, dtype, offsets);
+* runs the CUDA-only kernels the code uses (``_CUDA_ONLY``: PyTorch has no CPU kernel for
+  them) with CUDA's argument checks and fp32 arithmetic on the host.
 """
 
 from __future__ import annotations
@@ -54,6 +56,30 @@ _SYNCS = {
     aten.unique_dim.default: 1,
     aten.unique_consecutive.default: 1,
 }
+
+
+def _addmm_dtype_out(self, mat1, mat2, out_dtype, *, beta=1, alpha=1, out):
+    """``addmm.dtype_out`` as CUDA runs it (``_addmm_dtype_out_cuda``, PyTorch >= 2.10 checks):
+    half-precision operands, products accumulated in fp32, ``out = beta*self + alpha*mat1@mat2``
+    written in ``out_dtype`` (``out`` may be ``self``: cuBLAS's beta = 1 epilogue)."""
+    half = (torch.bfloat16, torch.float16)
+    if mat1.dtype != mat2.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {mat1.dtype} and "
+                           f"{mat2.dtype}")  # fmt: skip
+    if not (out_dtype == mat1.dtype or (out_dtype == torch.float32 and mat1.dtype in half)):
+        raise RuntimeError("out_dtype must be the same as input dtype or fp32 for fp16/bf16 inputs")
+    if out.dtype != out_dtype:
+        raise RuntimeError("out_dtype must be the same as the dtype of the provided out tensor")
+    if self.dtype not in (out_dtype, mat1.dtype):
+        raise RuntimeError("self dtype must match either out_dtype or mat1 dtype")
+    result = torch.mm(mat1.float(), mat2.float()).mul_(alpha)
+    if beta:
+        result.add_(self.float(), alpha=beta)
+    return out.copy_(result)
+
+
+# Kernels CUDA has and the CPU lacks, run on the host as the GPU would.
+_CUDA_ONLY = {aten.addmm.dtype_out: _addmm_dtype_out}
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
@@ -121,8 +147,9 @@ class DeviceTensor(torch.Tensor):
             rules.check_op(func, args, kwargs, leaves)
         # The op runs on the tensors themselves (the Python key excluded: plain CPU kernels),
         # so in-place ops, resize_ and friends included, act on the caller's objects.
+        kernel = _CUDA_ONLY.get(func, func) if on_device else func
         with torch._C._DisableTorchDispatch():
-            out = func(*args, **kwargs)
+            out = kernel(*args, **kwargs)
         if not on_device:
             return out
         inputs = {id(x) for x in leaves if isinstance(x, torch.Tensor)}

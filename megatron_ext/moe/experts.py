@@ -39,6 +39,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 
 from megatron_ext.moe.dispatcher import MoEGroups, group_rank, group_size
 from megatron_ext.moe.fp8_experts import TEExperts
+from megatron_ext.moe.grouped_wgrad import GroupedExpertsWgrad
 from megatron_ext.moe.loop_experts import _LocalExperts, _LoopExperts
 
 
@@ -86,12 +87,17 @@ def expert_mlp(
 ):  # fmt: skip
     """``y_MH``: SwiGLU expert e on its ``splits[e]`` consecutive rows of ``x_MH``.
 
-    CUDA bf16 on sm90: two ``torch._grouped_mm`` around one SwiGLU over all rows;
-    elsewhere (CPU, other GPUs, fp16, fp32, F or H not multiples of 8): :class:`_LoopExperts`
-    (weight gradients into ``main_grad`` with ``fuse_wgrad``; ``recompute_act``: the SwiGLU
-    recomputed in the backward from its input).
+    CUDA bf16 on sm90: two ``torch._grouped_mm`` around one SwiGLU over all rows (with
+    ``fuse_wgrad``, :class:`~megatron_ext.moe.grouped_wgrad.GroupedExpertsWgrad`: the same
+    GEMMs, weight gradients accumulated into ``main_grad`` expert by expert); elsewhere (CPU,
+    other GPUs, fp16, fp32, F or H not multiples of 8): :class:`_LoopExperts` (weight gradients
+    into ``main_grad`` with ``fuse_wgrad``; ``recompute_act``: the SwiGLU recomputed in the
+    backward from its input).
     """
     if _use_torch_grouped_mm(x_MH, w13_LFH, w2_LHF):
+        if fuse_wgrad:  # weight gradients straight into main_grad (grouped_wgrad.py)
+            return GroupedExpertsWgrad.apply(x_MH, w13_LFH, w2_LHF, tuple(splits), splits_L,
+                                             recompute_act)  # fmt: skip
         h_MF2 = _grouped_mm(x_MH, w13_LFH, splits_L)
         if recompute_act:
             a_MF = tensor_parallel.checkpoint(swiglu, False, h_MF2)
