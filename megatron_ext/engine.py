@@ -25,13 +25,36 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_ext import cpu_mode, fallback_kernels, profiling
+from megatron_ext.errors import UsageError
 from megatron_ext.model import build_model
+
+
+def check_gpus() -> None:
+    """A GPU for every rank of this node, or one line saying what is missing (every rank sees
+    the same, so every rank raises the same error and rank 0 prints it)."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UsageError(
+            f"no CUDA GPU is visible (torch {torch.__version__}, {build}; CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): pass --cpu to train on CPU "
+            "ranks over gloo"
+        )
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if per_node > n:
+        raise UsageError(
+            f"{per_node} ranks on this node (torchrun --nproc-per-node) but {n} GPU"
+            f"{'s' if n > 1 else ''} visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): one rank per GPU"
+        )
 
 
 def initialize(args: argparse.Namespace) -> None:
     """CPU mode (if asked), the process group, Megatron's parallel groups, and the seeds."""
     if args.cpu:
         cpu_mode.enable()
+    else:
+        check_gpus()
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ and args.world_size == 1:
             # `python pretrain_mixtral.py ...` without torchrun: one rank, a local rendezvous.

@@ -25,6 +25,7 @@ descriptor from the rank after the message arrives, and a rank that has already 
 
 from __future__ import annotations
 
+import errno
 import io
 import multiprocessing as mp
 import os
@@ -34,7 +35,7 @@ import signal
 import socket
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Container, Sequence
 
 _PRELOAD = [
     "torch",
@@ -49,11 +50,29 @@ class MultiRankError(RuntimeError):
     """One or more ranks failed or timed out."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid: Container[int] = ()) -> int:
+    """A TCP port that was free a moment ago on every address a rank's store may listen on:
+    the IPv4 wildcard and, where the host has IPv6, the IPv6 one (c10d's TCPStore tries IPv6
+    first; a listener there is invisible to an IPv4-only probe)."""
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in avoid and _free_on_ipv6(port):
+            return port
+    raise RuntimeError("no free TCP port found for the ranks' rendezvous")
+
+
+def _free_on_ipv6(port: int) -> bool:
+    if not socket.has_ipv6:
+        return True
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(("::", port))
+    except OSError as e:
+        return e.errno != errno.EADDRINUSE  # other errors: no usable IPv6 here
+    return True
 
 
 def _context():
@@ -105,7 +124,13 @@ def _child(fn, rank, world_size, port, args, kwargs, cpu, rules, threads, result
             from megatron_ext import cpu_mode
 
             cpu_mode.enable()
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+                raise
+            results.put((rank, "port taken", traceback.format_exc()))  # before fn ran
+            return
         out = fn(*args, **kwargs)
         try:  # plain data, never shared storage (see the module docstring)
             payload = _to_bytes(out)
@@ -137,22 +162,13 @@ def _kill_group(pgid: int | None) -> None:
         pass
 
 
-def run_on_ranks(
-    fn: Callable[..., Any],
-    world_size: int,
-    args: Sequence[Any] = (),
-    kwargs: dict | None = None,
-    *,
-    timeout: float = 300.0,
-    cpu: bool = True,
-    gpu_rules=False,
-    threads: int | None = None,
-) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's result."""
-    ctx = _context()
+_PORT_TRIES = 3
+
+
+def _attempt(ctx, job, port: int, timeout: float):
+    """Start the ranks on ``port``, collect ``(outs, errors)``, stop every process."""
     results = ctx.Queue()
-    port = free_port()
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    fn, world_size, args, kwargs, cpu, gpu_rules, threads = job
     procs = [
         ctx.Process(
             target=_child,
@@ -161,8 +177,8 @@ def run_on_ranks(
                 r,
                 world_size,
                 port,
-                tuple(args),
-                kwargs or {},
+                args,
+                kwargs,
                 cpu,
                 gpu_rules,
                 threads,
@@ -175,7 +191,7 @@ def run_on_ranks(
     for p in procs:
         p.start()
     outs: dict[int, Any] = {}
-    errors: dict[int, str] = {}
+    errors: dict[int, tuple[str, str]] = {}  # rank -> (kind, traceback)
     deadline = time.monotonic() + timeout
     try:
         while len(outs) + len(errors) < world_size:
@@ -188,14 +204,14 @@ def run_on_ranks(
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 for r in dead:
                     if r not in outs and r not in errors:
-                        errors[r] = f"process exited with code {procs[r].exitcode}"
+                        errors[r] = ("error", f"process exited with code {procs[r].exitcode}")
                 if errors:
                     deadline = min(deadline, time.monotonic() + 5.0)  # let peers report, then stop
                 continue
             if status == "ok":
                 outs[rank] = pickle.loads(payload)
             else:
-                errors[rank] = payload
+                errors[rank] = (status, payload)
             if errors:
                 deadline = min(deadline, time.monotonic() + 5.0)
     finally:
@@ -205,6 +221,39 @@ def run_on_ranks(
                 p.kill()
                 p.join()
             _kill_group(p.pid)  # helpers a rank started (dist_checkpointing's writer manager)
+    return outs, errors
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    kwargs: dict | None = None,
+    *,
+    timeout: float = 300.0,
+    cpu: bool = True,
+    gpu_rules=False,
+    threads: int | None = None,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's result.
+
+    The rendezvous port is chosen free, but another process can take it before rank 0 listens
+    on it (two suites on one machine, a helper a killed run left behind): then rank 0 says so
+    before ``fn`` ran anywhere, and the ranks start again on another port (up to
+    ``_PORT_TRIES`` times)."""
+    ctx = _context()
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    job = (fn, world_size, tuple(args), kwargs or {}, cpu, gpu_rules, threads)
+    taken: list[int] = []
+    while True:
+        port = free_port(avoid=taken)
+        outs, errors = _attempt(ctx, job, port, timeout)
+        if not any(kind == "port taken" for kind, _ in errors.values()):
+            break
+        taken.append(port)
+        if len(taken) == _PORT_TRIES:
+            break
+    errors = {r: tb for r, (_, tb) in errors.items()}
     if errors:
         first = next(iter(errors))  # dicts keep arrival order: the rank that failed first
         detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())

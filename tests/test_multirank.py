@@ -76,3 +76,61 @@ def test_hang_is_killed_at_the_timeout():
     with pytest.raises(MultiRankError, match=r"timed out after 5s .*rank\(s\) \[0, 1\]"):
         run_on_ranks(_rank_1_hangs, 2, timeout=5)
     assert time.monotonic() - start < 30
+
+
+def _listener(family, port=0):
+    import socket
+
+    s = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind(("::" if family == socket.AF_INET6 else "", port))
+    s.listen()
+    return s
+
+
+def test_a_port_held_on_ipv6_only_is_not_called_free():
+    """c10d's store listens on IPv6 first: a port held there alone failed every rank 0 that an
+    IPv4-only probe had called free (EADDRINUSE in a fresh-clone run, 8 tests at one port)."""
+    import socket
+
+    from megatron_ext import multirank
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    held = _listener(socket.AF_INET6)
+    try:
+        port = held.getsockname()[1]
+        assert not multirank._free_on_ipv6(port)
+        assert multirank.free_port() != port
+    finally:
+        held.close()
+    assert multirank._free_on_ipv6(port)
+
+
+def test_a_rendezvous_port_taken_before_rank_0_listens_is_chosen_again(monkeypatch):
+    """The port is taken between the choice and rank 0's listen (another suite, a left-over
+    helper): the ranks start again on another port instead of failing the test."""
+    import socket
+
+    from megatron_ext import multirank
+
+    held = [_listener(socket.AF_INET)]
+    port = held[0].getsockname()[1]
+    if socket.has_ipv6:
+        held.append(_listener(socket.AF_INET6, port))
+    chosen = []
+    real = multirank.free_port
+
+    def first_the_taken_one(avoid=()):
+        chosen.append(port if not chosen else real(avoid))
+        return chosen[-1]
+
+    monkeypatch.setattr(multirank, "free_port", first_the_taken_one)
+    try:
+        out = run_on_ranks(_sum_of_ranks, 2, args=(1.0,), timeout=60)
+    finally:
+        for s in held:
+            s.close()
+    assert out == [(0, 1.0, 2), (1, 1.0, 2)]
+    assert chosen[0] == port and len(chosen) == 2 and chosen[1] != port

@@ -45,13 +45,14 @@ def _main(argv):
     return code, err.getvalue(), out.getvalue()
 
 
-def run(argv: str, world: int = 2) -> list[tuple[int, str, str]]:
-    return run_on_ranks(_main, world, args=(argv.split(),), timeout=600)
+def run(argv: str, world: int = 2, cpu: bool = True) -> list[tuple[int, str, str]]:
+    return run_on_ranks(_main, world, args=(argv.split(),), timeout=600, cpu=cpu)
 
 
-def one_error(argv: str, code: int = 2, world: int = 2) -> str:
-    """Run, check the presentation, return the error line."""
-    results = run(argv, world)
+def one_error(argv: str, code: int = 2, world: int = 2, cpu: bool = True) -> str:
+    """Run, check the presentation, return the error line (``cpu=False``: the ranks run
+    without CPU mode, as a plain process on this machine would)."""
+    results = run(argv, world, cpu)
     assert [r[0] for r in results] == [code] * world, results
     text = "\n".join(r[1] + r[2] for r in results)
     assert "Traceback" not in text, text
@@ -344,6 +345,31 @@ def test_a_nan_loss_stops_with_the_iteration_and_the_last_checkpoint(tmp_path):
     stop = int(line.split("iteration ")[1].split(":")[0])
     assert f"Last complete checkpoint: {save}/iter_{stop - 1:07d}" in line, line
     assert checkpointing.read_marker(str(save)) == stop - 1  # nothing of the bad step saved
+
+
+def test_without_a_gpu_and_without_cpu_flag_one_line_says_pass_cpu():
+    """No GPU and no --cpu: one line naming --cpu, from rank 0, exit 2 (it was a traceback from
+    torch.cuda.set_device on every rank)."""
+    line = one_error(MOCK.replace("--cpu ", ""), cpu=False)
+    assert "no CUDA GPU is visible" in line and "pass --cpu" in line, line
+
+
+def test_more_ranks_per_node_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc-per-node 8 on a node that shows 4 GPUs: every rank sees the same
+    counts and raises the same line (was: a CUDA traceback from the ranks over 4)."""
+    import torch
+
+    from megatron_ext.engine import check_gpus
+    from megatron_ext.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    check_gpus()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(UsageError, match="8 ranks on this node .* but 4 GPUs visible"):
+        check_gpus()
 
 
 def test_plain_python_without_torchrun_runs_as_one_rank(tmp_path):
