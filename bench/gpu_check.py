@@ -240,6 +240,10 @@ def main(argv=None) -> int:
         report += ["## Training proxy, FP8", "", "- skipped: Transformer Engine not importable", ""]
     text = _publish(report, a.report)
     print(text, flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the proxies' group (NCCL warns at exit otherwise)
+        dist.destroy_process_group()
     return 1 if "FAILED" in text else 0
 
 
