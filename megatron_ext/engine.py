@@ -33,19 +33,18 @@ def check_gpus() -> None:
     """A GPU for every rank of this node, or one line saying what is missing (every rank sees
     the same, so every rank raises the same error and rank 0 prints it)."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
     if n == 0:
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise UsageError(
-            f"no CUDA GPU is visible (torch {torch.__version__}, {build}; CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): pass --cpu to train on CPU "
-            "ranks over gloo"
+            f"no CUDA GPU is visible (torch {torch.__version__}, {build}; {visible}): pass "
+            "--cpu to train on CPU ranks over gloo"
         )
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if per_node > n:
         raise UsageError(
             f"{per_node} ranks on this node (torchrun --nproc-per-node) but {n} GPU"
-            f"{'s' if n > 1 else ''} visible (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): one rank per GPU"
+            f"{'s' if n > 1 else ''} visible ({visible}): one rank per GPU"
         )
 
 

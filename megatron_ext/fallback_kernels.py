@@ -60,6 +60,14 @@ def accumulate_wgrad(main_grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
         main_grad.add_(torch.mm(a, b))
 
 
+def added_to_main_grad(param: torch.Tensor) -> torch.Tensor:
+    """After a weight gradient went straight into ``param.main_grad``: flag the parameter so
+    that DDP's hook does not add again, and return autograd's placeholder gradient (never read,
+    never zeroed), the contract of Megatron-Core's fused linear layers."""
+    param.grad_added_to_main_grad = True
+    return torch.empty_like(param)
+
+
 @functools.cache  # a property of this PyTorch build, asked once per process and device
 def fp32_accumulation(device_index: int) -> bool:
     """Whether ``torch.addmm(c_fp32, a_half, b_half, out_dtype=float32, out=c_fp32)`` runs on

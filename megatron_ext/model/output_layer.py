@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from megatron_ext.fallback_kernels import accumulate_wgrad
+from megatron_ext.fallback_kernels import accumulate_wgrad, added_to_main_grad
 
 
 class _LogitsPool:
@@ -66,8 +66,7 @@ class _PooledLinear(torch.autograd.Function):
         dx = torch.mm(dy_TO, weight).view(x.shape)
         if ctx.param is not None:
             accumulate_wgrad(ctx.param.main_grad, dy_TO.t(), x_TI)
-            ctx.param.grad_added_to_main_grad = True
-            dw = torch.empty_like(weight)  # a placeholder DDP's hook skips (never written)
+            dw = added_to_main_grad(ctx.param)
         else:
             dw = torch.mm(dy_TO.t(), x_TI)
         db = dy_TO.sum(0) if ctx.has_bias else None

@@ -40,7 +40,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron_ext.moe.dispatcher import MoEGroups, group_rank, group_size
 from megatron_ext.moe.fp8_experts import TEExperts
 from megatron_ext.moe.grouped_wgrad import GroupedExpertsWgrad
-from megatron_ext.moe.loop_experts import _LocalExperts, _LoopExperts
+from megatron_ext.moe.loop_experts import _LocalExperts, _LoopExperts, swiglu_grad
 
 
 def recomputes(config, module: str) -> bool:
@@ -121,13 +121,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, da):
         h, s = ctx.saved_tensors
-        g, u = h.chunk(2, dim=-1)
-        dh = torch.empty_like(h)
-        dg, du = dh.chunk(2, dim=-1)
-        torch.mul(da, s, out=du)
-        torch.mul(da, u, out=dg)
-        torch.ops.aten.silu_backward.grad_input(dg, g, grad_input=dg)  # elementwise, in place
-        return dh
+        return swiglu_grad(da, h, s)
 
 
 def swiglu(h_MF2: torch.Tensor) -> torch.Tensor:

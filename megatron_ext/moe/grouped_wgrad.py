@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.fallback_kernels import accumulate_wgrad
+from megatron_ext.fallback_kernels import accumulate_wgrad, added_to_main_grad
+from megatron_ext.moe.loop_experts import for_each_expert, swiglu_grad
 
 
 def _grouped(a_MK, b_LKN, offs_L) -> torch.Tensor:
@@ -48,34 +49,27 @@ class GroupedExpertsWgrad(torch.autograd.Function):
         saved = (h_MF2,) if recompute_act else (h_MF2, s_MF, a_MF)
         ctx.save_for_backward(x_MH, w13_LFH, w2_LHF, offs_L, *saved)
         ctx.splits, ctx.recompute_act = splits, recompute_act
+        # The parameters themselves (their main_grad attributes), as the expert loop keeps them
+        ctx.params = (w13_LFH, w2_LHF)
         return y_MH
 
     @staticmethod
     def backward(ctx, dy_MH):
         x_MH, w13_LFH, w2_LHF, offs_L, h_MF2, *sa = ctx.saved_tensors
-        g_MF, u_MF = h_MF2.chunk(2, dim=-1)
         if ctx.recompute_act:
+            g_MF, u_MF = h_MF2.chunk(2, dim=-1)
             s_MF = F.silu(g_MF)
             a_MF = s_MF * u_MF
         else:
             s_MF, a_MF = sa
         dy_MH = dy_MH.contiguous()
-        da_MF = _grouped(dy_MH, w2_LHF, offs_L)
-        dh_MF2 = torch.empty_like(h_MF2)
-        dg_MF, du_MF = dh_MF2.chunk(2, dim=-1)
-        torch.mul(da_MF, s_MF, out=du_MF)
-        torch.mul(da_MF, u_MF, out=dg_MF)
-        torch.ops.aten.silu_backward.grad_input(dg_MF, g_MF, grad_input=dg_MF)
+        dh_MF2 = swiglu_grad(_grouped(dy_MH, w2_LHF, offs_L), h_MF2, s_MF)
         dx_MH = _grouped(dh_MF2, w13_LFH, offs_L)
-        dw13, dw2 = w13_LFH.main_grad, w2_LHF.main_grad
-        start = 0
-        for e, n in enumerate(ctx.splits):
-            if n:  # an expert without rows adds nothing
-                rows = slice(start, start + n)
-                accumulate_wgrad(dw2[e], dy_MH[rows].t(), a_MF[rows])
-                accumulate_wgrad(dw13[e], dh_MF2[rows].t(), x_MH[rows])
-            start += n
-        # placeholders for autograd; DDP's hook skips them (never read, never zeroed)
-        w13_LFH.grad_added_to_main_grad = True
-        w2_LHF.grad_added_to_main_grad = True
-        return dx_MH, torch.empty_like(w13_LFH), torch.empty_like(w2_LHF), None, None, None
+        w13, w2 = ctx.params
+
+        def wgrad(e, rows):  # an expert without rows adds nothing (for_each_expert skips it)
+            accumulate_wgrad(w2.main_grad[e], dy_MH[rows].t(), a_MF[rows])
+            accumulate_wgrad(w13.main_grad[e], dh_MF2[rows].t(), x_MH[rows])
+
+        for_each_expert(wgrad, ctx.splits, on_cpu=False)
+        return dx_MH, added_to_main_grad(w13), added_to_main_grad(w2), None, None, None

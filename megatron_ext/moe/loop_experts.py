@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.fallback_kernels import accumulate_wgrad
+from megatron_ext.fallback_kernels import accumulate_wgrad, added_to_main_grad
 from megatron_ext.moe.dispatcher import gather_sum
 
 
@@ -92,6 +92,18 @@ def for_each_expert(fn, splits: tuple[int, ...], on_cpu: bool, row_bytes: int = 
         torch.set_num_threads(threads)
 
 
+def swiglu_grad(da_MF, h_MF2, s_MF) -> torch.Tensor:
+    """``dh = [silu'(g) * u * da | silu(g) * da]`` for ``h = [g | u]`` and ``s = silu(g)``,
+    written into one ``[M, 2F]`` buffer in place of autograd's cat."""
+    g_MF, u_MF = h_MF2.chunk(2, dim=-1)
+    dh_MF2 = torch.empty_like(h_MF2)
+    dg_MF, du_MF = dh_MF2.chunk(2, dim=-1)
+    torch.mul(da_MF, s_MF, out=du_MF)
+    torch.mul(da_MF, u_MF, out=dg_MF)
+    torch.ops.aten.silu_backward.grad_input(dg_MF, g_MF, grad_input=dg_MF)  # in place
+    return dh_MF2
+
+
 def _forward(x_MH, w13_LFH, w2_LHF, splits, recompute_act, rows_of=None):
     """``(y_MH, saved)``: every expert's SwiGLU MLP on its rows; ``saved`` per busy expert
     ``(x, h)`` with ``recompute_act``, else ``(x, h, silu(g), a)`` (what autograd would save),
@@ -140,19 +152,13 @@ def _backward(ctx, w13_LFH, w2_LHF, flat, dy_of, dx_MH):
             s, a = sa
         dy = dy_of(e, rows)
         wgrad(dw2[e], dy.t(), a)
-        da = torch.mm(dy, w2_LHF[e])
-        dh = torch.empty_like(h)
-        torch.mul(da, s, out=dh[:, fs:])  # d up = da * silu(g)
-        torch.mul(da, h[:, fs:], out=dh[:, :fs])  # d gate = silu'(g) * da * up
-        torch.ops.aten.silu_backward.grad_input(dh[:, :fs], h[:, :fs], grad_input=dh[:, :fs])
+        dh = swiglu_grad(torch.mm(dy, w2_LHF[e]), h, s)
         torch.mm(dh, w13_LFH[e], out=dx_MH[rows])
         wgrad(dw13[e], dh.t(), x)
 
     for_each_expert(expert, ctx.splits, not dx_MH.is_cuda, 2 * fs * dx_MH.element_size())
-    if fused:  # placeholders for autograd; DDP's hook skips them (never read, never zeroed)
-        for p in ctx.params:
-            p.grad_added_to_main_grad = True
-        dw13, dw2 = torch.empty_like(w13_LFH), torch.empty_like(w2_LHF)
+    if fused:
+        dw13, dw2 = (added_to_main_grad(p) for p in ctx.params)
     return dw13, dw2
 
 
