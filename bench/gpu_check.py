@@ -56,8 +56,8 @@ FINE_16B = (
 FINE_TOY = (
     "--tokens 64 --hidden 64 --ffn 32 --experts 8 --topk 4 --shared-ffn 64 --iters 1 --warmup 0"
 )
-MOE_ONLY = ("ours", "ceiling", "gemm-chain")
-FINE_ONLY = ("ours", "hf-deepseek-v3", "hf-qwen2-moe", "ceiling", "ceiling-wide")
+MOE_ONLY = ("ours", "ours-eager", "ceiling", "gemm-chain")
+FINE_ONLY = ("ours", "ours-eager", "hf-deepseek-v3", "hf-qwen2-moe", "ceiling", "ceiling-wide")
 PROXY_8X7B = (
     "--model 8x7b --num-layers 2 --seq-length 4096 --micro-batch-size 1 --global-batch-size 8"
     " --train-iters 8 --log-interval 1 --eval-iters 0 --mock-data --vocab-size 32000 --bf16"

@@ -2,7 +2,9 @@
 
 Contenders (one process, one rank, same T tokens of hidden H, E experts of FFN size F, top-K):
 
-* ``ours``: ``megatron_ext.moe.SMoELayer``;
+* ``ours``: ``megatron_ext.moe.SMoELayer``; ``ours-eager``: the same layer with its
+  ``torch.compile``d functions run eagerly (on CUDA the combine's weighted sum,
+  ``moe/unpermute.py``: the A/B of that fusion; on the CPU nothing is compiled);
 * ``hf-mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default "eager" experts);
   ``hf-mixtral-grouped_mm``: the same with ``experts_implementation="grouped_mm"``;
 * ``deepspeed``: ``deepspeed.moe.layer.MoE`` with SwiGLU experts, top-K, capacity factor 1.0,
@@ -40,6 +42,7 @@ dense SwiGLU of width 6*224 + 448 on the T tokens: the same FLOPs in wide GEMMs)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -84,6 +87,17 @@ def ours(a):
         for p in layer.parameters():
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)
     return layer, lambda x: layer(x.view(-1, 1, a.hidden))[0]
+
+
+def ours_eager(a):
+    """``ours`` under ``torch.compiler.set_stance("force_eager")`` for its whole step."""
+    layer, fn = ours(a)
+
+    def run(x):
+        return fn(x)
+
+    run.compile_stance = "force_eager"
+    return layer, run
 
 
 def _init_normal(block):
@@ -288,6 +302,7 @@ def gemm_chain(a):
 
 CONTENDERS = {
     "ours": ours,
+    "ours-eager": ours_eager,
     "hf-mixtral": hf_mixtral,
     "hf-mixtral-grouped_mm": hf_mixtral_grouped,
     "deepspeed": deepspeed_dropless,
@@ -318,10 +333,23 @@ def _init_dist(device):
 
 
 def _step(fn, x, dy):
-    x.grad = None
-    out = fn(x)
-    if out is not None:  # the ceilings run their own backward
-        out.backward(dy.view_as(out))
+    stance = getattr(fn, "compile_stance", None)  # forward and backward alike
+    with torch.compiler.set_stance(stance) if stance else contextlib.nullcontext():
+        x.grad = None
+        out = fn(x)
+        if out is not None:  # the ceilings run their own backward
+            out.backward(dy.view_as(out))
+
+
+def _zero_grads(module) -> None:
+    """Every contender's ``zero_grad`` before a step, and DDP's ``zero_grad_buffer`` for
+    ours (``--main-grad``)."""
+    if module is None:
+        return
+    module.zero_grad(set_to_none=True)
+    for p in module.parameters():
+        if hasattr(p, "main_grad"):
+            p.main_grad.zero_()
 
 
 def _profile(name, run, x, dy, a) -> None:
@@ -335,6 +363,7 @@ def _profile(name, run, x, dy, a) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
+            _zero_grads(module)  # its fill_ rows are outside the timing in the timed loop
             _step(fn, x, dy)
         if cuda:
             torch.cuda.synchronize()
@@ -349,7 +378,9 @@ def _profile(name, run, x, dy, a) -> None:
                 _step(fn, x, dy)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs = str(sum("synchroniz" in str(w.message) for w in caught))
+        where = [f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in caught
+                 if "synchroniz" in str(w.message)]  # fmt: skip
+        syncs = f"{len(where)} ({', '.join(where)})" if where else "0"
     os.makedirs(a.profile, exist_ok=True)
     with open(os.path.join(a.profile, f"{name}.txt"), "w") as f:
         f.write(f"{name}: 3 steps; host syncs in one step: {syncs}\n{table}\n")
@@ -402,11 +433,7 @@ def main(argv=None):
     for it in range(a.warmup + a.iters):
         for name in order[it % len(order) :] + order[: it % len(order)]:
             module, fn = runs[name]
-            if module is not None:
-                module.zero_grad(set_to_none=True)
-                for p in module.parameters():  # DDP's zero_grad_buffer (ours, --main-grad)
-                    if hasattr(p, "main_grad"):
-                        p.main_grad.zero_()
+            _zero_grads(module)
             if a.device != "cpu":
                 torch.cuda.synchronize()
             w0, c0 = time.perf_counter(), time.process_time()

@@ -9,6 +9,8 @@ lent to run them.
 * with gradient accumulation fusion, its weight gradients added into fp32 ``main_grad``
   expert by expert equal autograd's bf16 weight gradients (and whether this PyTorch's cuBLAS
   path with fp32 accumulation ran);
+* the combine's weighted sum compiled by Inductor (Triton) equals the CPU's ``embedding_bag``
+  path, forward and backward, and really was compiled;
 * the expert-parallel all-to-all and count all-gather work over NCCL (world size 1);
 * one training step, a save, and a resume that continues with the same loss.
 """
@@ -71,6 +73,38 @@ def fused_wgrad_equals_autograd(hidden: int, ffn: int, splits: tuple[int, ...]):
     return diffs, fp32_accumulation(torch.cuda.current_device())
 
 
+def compiled_combine_equals_cpu(tokens: int, k: int, hidden: int, experts: int):
+    """Relative max differences (out, dy, dprobs, and the dispatch's backward) of the combine
+    on this device (compiled on CUDA, ``unpermute.py``) against the CPU path on the same bf16
+    rows, and the number of graphs Dynamo compiled for them (0 under the GPU rules, where
+    compiled functions run eagerly)."""
+    from torch._dynamo.utils import counters
+
+    from megatron_ext.moe.unpermute import WeightedUnpermute, sum_copies
+
+    torch.manual_seed(0)
+    ids_TK = torch.rand(tokens, experts).topk(k, dim=-1).indices
+    sorted_pair_N = torch.sort(ids_TK.reshape(-1), stable=True).indices
+    pos_TK = torch.empty_like(sorted_pair_N)
+    pos_TK[sorted_pair_N] = torch.arange(sorted_pair_N.numel())
+    index = (pos_TK.view(tokens, k), sorted_pair_N // k, sorted_pair_N)
+    y_NH = torch.randn(tokens * k, hidden, dtype=torch.bfloat16)
+    probs_TK = torch.rand(tokens, k).softmax(dim=-1)
+    dout_TH = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    results = []
+    for device in ("cuda", "cpu"):
+        y, p = (t.to(device).requires_grad_() for t in (y_NH, probs_TK))
+        before = counters["stats"]["unique_graphs"]
+        out = WeightedUnpermute.apply(y, p, *(i.to(device) for i in index))
+        out.backward(dout_TH.to(device))
+        dx_TH = sum_copies(y.grad, index[0].to(device))  # the dispatch's backward
+        results.append([t.float().cpu() for t in (out, y.grad, p.grad, dx_TH)])
+        if device == "cuda":
+            graphs = counters["stats"]["unique_graphs"] - before
+    diffs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results, strict=True)]
+    return diffs, graphs
+
+
 def nccl_all_to_all(rows: int, hidden: int) -> bool:
     """Our differentiable all-to-all and the count all-gather over a 1-rank NCCL group."""
     import torch.distributed as dist
@@ -113,6 +147,22 @@ def test_fused_wgrad_check_under_gpu_rules():
         fused_wgrad_equals_autograd, 1, args=(64, 128, (8, 0, 24)), gpu_rules=True
     )[0]
     assert fp32 and diffs[0] == 0.0 and max(diffs[1:]) < 1e-2, (diffs, fp32)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_compiled_combine_equals_the_cpu_path_on_cuda():
+    diffs, graphs = compiled_combine_equals_cpu(16384, 6, 2048, 64)  # DeepSeek-MoE 16B layer
+    print(f"compiled combine: {graphs} graphs; rel. diffs {diffs}")
+    assert graphs == 3, graphs  # the combine's forward and backward, the dispatch's backward
+    assert max(diffs) < 2**-8, diffs  # bf16 results of fp32 math: one rounding apart at most
+
+
+def test_compiled_combine_check_under_gpu_rules():
+    diffs, graphs = run_on_ranks(
+        compiled_combine_equals_cpu, 1, args=(32, 6, 64, 16), gpu_rules=True
+    )[0]
+    assert graphs == 0 and max(diffs) < 2**-8, (diffs, graphs)
 
 
 @pytest.mark.gpu

@@ -205,11 +205,11 @@ def _bench(argv):
 def test_moe_benchmark_builds_every_contender_on_cuda():
     argv = (
         "--device cuda --dtype bf16 --tokens 64 --hidden 64 --ffn 128 --experts 4 --iters 1 "
-        "--warmup 0 --only ours megatron-core ceiling"
+        "--warmup 0 --only ours ours-eager megatron-core ceiling"
     ).split()
     out, err = run_on_ranks(_bench, 1, args=(argv,), gpu_rules=True, timeout=300)[0]
     assert "not run" not in err, err
-    for row in ("| ours |", "| megatron-core |", "| ceiling |"):
+    for row in ("| ours |", "| ours-eager |", "| megatron-core |", "| ceiling |"):
         assert row in out, out
 
 

@@ -19,10 +19,10 @@ pairs to drop with the expert id E, which sorts last and is not sent):
    (local expert, source rank) so every local expert owns one contiguous slice.
 
 Combine is the exact reverse (ungroup, reverse all-to-all) and then one fused gather-and-sum
-``y_TH[t] = sum_k probs_TK[t, k] * y_NH[pos_TK[t, k]]`` (``pos`` = where pair (t, k) went).
-Every permutation is a gather whose backward is the inverse gather; where rows fan in (the K
-copies of a token, the K outputs of a token) an ``embedding_bag`` sums them: no scatter-add, no
-atomics, deterministic on GPUs.
+``y_TH[t] = sum_k probs_TK[t, k] * y_NH[pos_TK[t, k]]`` (``pos`` = where pair (t, k) went;
+``unpermute.py``: one compiled kernel each way on CUDA). Every permutation is a gather whose
+backward is the inverse gather; where rows fan in (the K copies of a token, the K outputs of a
+token) an ``embedding_bag`` sums them: no scatter-add, no atomics, deterministic on GPUs.
 
 Expert-TP apart from TP (MoE parallel folding, ``expt_tp`` smaller or larger than ``tp``): the
 expert grid is EP x expert-TP x expert-DP over the ranks of a pipeline stage, and an EP
@@ -54,6 +54,7 @@ from megatron_ext.moe.collectives import (
     group_size,
     reduce_scatter_uneven,
 )
+from megatron_ext.moe.unpermute import WeightedUnpermute, sum_copies
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class _Permute(torch.autograd.Function):
     """``y = x[fwd_idx]`` whose backward is the inverse gather ``dx = dy[bwd_idx]``.
 
     With ``fold = K`` every row of x was used K times and ``bwd_idx`` lists, per row of x, the
-    K rows of y that copy it: the backward is then one fused gather-and-sum (embedding_bag).
+    K rows of y that copy it: the backward is then one fused gather-and-sum (``sum_copies``).
     """
 
     @staticmethod
@@ -156,44 +157,7 @@ class _Permute(torch.autograd.Function):
             dy = torch.cat([dy, dy.new_zeros(ctx.rows - dy.shape[0], *dy.shape[1:])])
         if ctx.fold == 1:
             return dy.index_select(0, bwd_idx), None, None, None, None
-        return gather_sum(dy, bwd_idx.view(-1, ctx.fold)), None, None, None, None
-
-
-def gather_sum(src_NH, idx_TK, weights_TK=None):
-    """``out[t] = sum_k w[t, k] * src[idx[t, k]]`` in one pass (fp32 accumulation)."""
-    if idx_TK.shape[0] == 0:
-        return src_NH.new_zeros(0, src_NH.shape[-1])
-    if weights_TK is not None and weights_TK.dtype != src_NH.dtype:
-        src_NH = src_NH.to(weights_TK.dtype)  # bf16 activations, fp32 routing weights
-    return F.embedding_bag(idx_TK, src_NH, per_sample_weights=weights_TK, mode="sum")
-
-
-class _WeightedUnpermute(torch.autograd.Function):
-    """``out_TH[t] = sum_k probs_TK[t, k] * y_NH[pos_TK[t, k]]`` (unsort + top-k weighted sum).
-
-    Backward: ``g_NH = dout[token of each row]``, ``dprobs = <g_n, y_n>`` per row and
-    ``dy_NH = probs * g_NH``: two gathers and two passes, no scatter.
-    """
-
-    @staticmethod
-    def forward(ctx, y_NH, probs_TK, pos_TK, token_N, sorted_pair_N):
-        ctx.save_for_backward(y_NH, probs_TK, pos_TK, token_N, sorted_pair_N)
-        return gather_sum(y_NH, pos_TK, probs_TK).to(y_NH.dtype)
-
-    @staticmethod
-    def backward(ctx, dout_TH):
-        y_NH, probs_TK, pos_TK, token_N, sorted_pair_N = ctx.saved_tensors
-        g_NH = dout_TH.index_select(0, token_N)
-        dprobs_TK = None
-        if ctx.needs_input_grad[1]:
-            dprob_N = torch.linalg.vecdot(g_NH.to(probs_TK.dtype), y_NH.to(probs_TK.dtype))
-            dprobs_TK = dprob_N.index_select(0, pos_TK.reshape(-1)).view_as(probs_TK)
-        probs_N = probs_TK.reshape(-1).index_select(0, sorted_pair_N).unsqueeze(-1)
-        if g_NH.dtype == probs_N.dtype:
-            dy_NH = g_NH.mul_(probs_N)
-        else:  # low-precision activations: scale in fp32, round once
-            dy_NH = (g_NH.to(probs_N.dtype) * probs_N).to(y_NH.dtype)
-        return dy_NH, dprobs_TK, None, None, None
+        return sum_copies(dy, bwd_idx.view(-1, ctx.fold)), None, None, None, None
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -348,7 +312,7 @@ def combine(y_MH: torch.Tensor, probs_TK: torch.Tensor, meta: DispatchMeta) -> t
     num_tokens, k = probs_TK.shape
     if meta.num_sent < num_tokens * k:  # dropped pairs: zero rows (their weights are 0 too)
         y_MH = F.pad(y_MH, (0, 0, 0, num_tokens * k - meta.num_sent))
-    return _WeightedUnpermute.apply(
+    return WeightedUnpermute.apply(
         y_MH,
         probs_TK,
         meta.pair_to_sorted_N.view(num_tokens, k),

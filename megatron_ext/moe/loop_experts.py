@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.fallback_kernels import accumulate_wgrad, added_to_main_grad
-from megatron_ext.moe.dispatcher import gather_sum
+from megatron_ext.moe.unpermute import gather_sum
 
 
 def thread_groups(splits: tuple[int, ...], threads: int) -> list[list[int]]:
