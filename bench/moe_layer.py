@@ -80,6 +80,7 @@ def ours(a):
     from megatron_ext.moe import SMoELayer
 
     kw = dict(moe_shared_expert_intermediate_size=a.shared_ffn) if a.shared_ffn else {}
+    kw["bias_activation_fusion"] = a.device != "cpu"  # the shared experts' SwiGLU, as training
     if a.main_grad:
         kw["gradient_accumulation_fusion"] = fallback_kernels.use_wgrad_accumulation()
     layer = SMoELayer(_config(a, **kw)).to(a.device)

@@ -267,6 +267,50 @@ def _precision_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _fusion_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's switches for its fused kernels, with its defaults; they act on GPU ranks
+    only (CPU ranks never fuse, and a given flag that has no effect is reported)."""
+    g = p.add_argument_group("fused kernels (GPU ranks)")
+    g.add_argument(
+        "--no-bias-swiglu-fusion",
+        action="store_false",
+        dest="bias_swiglu_fusion",
+        help="the dense MLPs' and shared experts' SwiGLU as separate ops instead of "
+        "Megatron-Core's torch.compile'd one (default: fused, as Megatron-LM)",
+    )
+    g.add_argument(
+        "--no-bias-dropout-fusion",
+        action="store_false",
+        dest="bias_dropout_fusion",
+        help="the residual's bias-dropout-add as separate ops instead of Megatron-Core's "
+        "torch.compile'd one (default: fused, as Megatron-LM)",
+    )
+    g.add_argument(
+        "--no-rope-fusion",
+        action="store_false",
+        dest="rope_fusion",
+        help="accepted: rotary embeddings are applied unfused here in any case",
+    )
+    g.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="the loss by Megatron-Core's fused vocab-parallel cross-entropy (GPU ranks)",
+    )
+    g.add_argument(
+        "--cross-entropy-fusion-impl",
+        choices=["native", "te"],
+        default="native",
+        help="with --cross-entropy-loss-fusion: Megatron-Core's torch.compile'd kernel "
+        "(native) or Transformer Engine's (te)",
+    )
+    g.add_argument(
+        "--moe-permute-fusion",
+        action="store_true",
+        help="accepted: on CUDA the combine's gathers and sums are always fused "
+        "(torch.compile, docs/moe.md); Transformer Engine's permute kernels are not used",
+    )
+
+
 def _logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=100)
@@ -321,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         _training_args,
         _parallel_args,
         _precision_args,
+        _fusion_args,
         _logging_args,
     ):
         add(p)

@@ -280,8 +280,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 def check_environment(args: argparse.Namespace) -> None:
     """What the flags need from THIS machine, checked at start-up before anything is built (the
     planner and dry runs parse cluster command lines on machines without GPUs, so this is
-    apart from :func:`validate`): Transformer Engine for its spec and FP8, a Blackwell GPU for
-    MXFP8, and apex's softmax kernels for the local attention's fused softmax."""
+    apart from :func:`validate`): Transformer Engine for its spec, FP8 and its cross-entropy, a
+    Blackwell GPU for MXFP8, and apex's softmax kernels for the local attention's fused
+    softmax."""
     te = importlib.util.find_spec("transformer_engine") is not None
     _require(
         te or args.transformer_impl != "transformer_engine",
@@ -294,6 +295,12 @@ def check_environment(args: argparse.Namespace) -> None:
         "--recompute-modules layernorm needs Transformer Engine: Megatron-Core 0.16.1's "
         "CheckpointWithoutOutput reads TE's FP8 state (a NameError without it)",
     )
+    _require(
+        te or args.cpu or not args.cross_entropy_loss_fusion
+        or args.cross_entropy_fusion_impl != "te",
+        "--cross-entropy-fusion-impl te needs Transformer Engine; --cross-entropy-fusion-impl "
+        "native is Megatron-Core's own fused kernel",
+    )  # fmt: skip
     if args.fp8_format and not args.cpu:
         _require(
             te,
@@ -368,6 +375,11 @@ def unhonoured(args: argparse.Namespace) -> list[str]:
             )
         if args.bf16:
             notes.append("--bf16 on CPU: supported but slow; use it to rehearse, fp32 to test")
+        if args.cross_entropy_loss_fusion:
+            notes.append(
+                "--cross-entropy-loss-fusion: CPU ranks compute the loss with the blocked "
+                "cross-entropy (model/cross_entropy.py), not Megatron-Core's fused one"
+            )
     if args.no_masked_softmax_fusion and args.transformer_impl != "local":
         notes.append(
             "--no-masked-softmax-fusion: no effect with --transformer-impl "

@@ -235,6 +235,7 @@ DESIGNS = {  # the issue-13 options, each path with its tensors made on the devi
         moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk_scaling_factor=2.0,
         moe_router_load_balancing_type="seq_aux_loss", moe_expert_capacity_factor=1.0,
         moe_pad_expert_input_to_capacity=True, moe_router_dtype="fp64",
+        bias_activation_fusion=True,  # the shared experts' SwiGLU: Megatron's fused one
     ),
     "global-aux-forced-bias": dict(
         moe_router_load_balancing_type="global_aux_loss", moe_router_force_load_balancing=True,

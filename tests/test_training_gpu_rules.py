@@ -204,6 +204,73 @@ def test_fused_bias_dropout_add_compiles_on_cpu_and_matches():
     assert dropped.shape == (64, 2, 32)
 
 
+def _fusion_config(extra: str, cpu: bool):
+    from megatron_ext.arguments import parse_args
+    from megatron_ext.model import transformer_config
+
+    args = parse_args(flags(COMMON if cpu else GPU, "--train-iters 1", extra), 1)
+    cfg = transformer_config(args)
+    fields = ("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion")
+    return tuple(getattr(cfg, f) for f in fields), cfg.cross_entropy_fusion_impl, args.unhonoured
+
+
+ALL_FUSION_FLAGS = (
+    "--no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion "
+    "--cross-entropy-loss-fusion --moe-permute-fusion"
+)
+
+
+def test_fusion_flags_keep_megatron_lm_names_and_defaults():
+    """Megatron-LM's fusion switches (copied launch scripts carry them): fused SwiGLU and
+    bias-dropout-add by default on GPU ranks, each ``--no-...`` turns one off, the fused
+    cross-entropy is opt-in; CPU ranks never fuse and say so for a fusion they were asked for."""
+    assert _fusion_config("", cpu=False)[:2] == ((True, True, False), "native")
+    assert _fusion_config(ALL_FUSION_FLAGS, cpu=False)[:2] == ((False, False, True), "native")
+    te = _fusion_config("--cross-entropy-loss-fusion --cross-entropy-fusion-impl te", False)
+    assert te[:2] == ((True, True, True), "te")
+    fused, _, notes = _fusion_config(ALL_FUSION_FLAGS, cpu=True)
+    assert fused == (False, False, False)
+    assert [n for n in notes if n.startswith("--cross-entropy-loss-fusion: CPU ranks")]
+    assert _fusion_config("", cpu=True)[0] == (False, False, False)
+
+
+def test_transformer_engine_cross_entropy_without_te_is_one_clear_error():
+    from megatron_ext.arguments import LayoutError, check_environment, parse_args
+
+    argv = flags(GPU, "--train-iters 1 --cross-entropy-loss-fusion --cross-entropy-fusion-impl te")
+    with pytest.raises(LayoutError, match="--cross-entropy-fusion-impl te needs Transformer"):
+        check_environment(parse_args(argv, 1))
+    check_environment(parse_args(flags(GPU, "--train-iters 1 --cross-entropy-loss-fusion"), 1))
+
+
+def _swiglu_fusion():
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 2, 96)
+    out = {}
+    for fused in (True, False):
+        x = h.clone().requires_grad_()
+        if fused:  # what Megatron-Core's MLP runs with bias_activation_fusion (no bias)
+            y = bias_swiglu_impl(x, None)
+        else:
+            g, u = x.chunk(2, dim=-1)
+            y = torch.nn.functional.silu(g) * u
+        y.square().sum().backward()
+        out[fused] = (y.detach(), x.grad)
+    return out
+
+
+@pytest.mark.slow
+def test_fused_swiglu_compiles_on_cpu_and_matches():
+    """bias_activation_fusion (on for GPUs, Megatron-LM's default) runs Megatron-Core's
+    torch.compile'd SwiGLU: eagerly under the GPU rules, so its compiled form is checked here,
+    on plain CPU tensors with PyTorch's inductor, against the unfused formula."""
+    out = run_on_ranks(_swiglu_fusion, 1, cpu=False, timeout=600)[0]
+    for got, want in zip(out[True], out[False], strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_expert_bias_resumes_exactly_in_bf16(tmp_path):
     """--moe-router-enable-expert-bias --bf16: the bias stays fp32 through Float16Module, so a
     resumed run continues with the very bias that was saved (a bf16 buffer rounded the loaded

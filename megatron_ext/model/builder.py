@@ -116,9 +116,13 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         autocast_dtype=dtype,
         fp8=args.fp8_format if not args.cpu else None,
         fp8_recipe=args.fp8_recipe,
-        # kernels that only exist on GPUs
-        bias_dropout_fusion=not args.cpu,
+        # fused kernels (Megatron-Core's torch.compile'd functions): GPU ranks only, as
+        # Megatron-LM's flags ask; RoPE's fusion needs Transformer Engine's or apex's kernel
+        bias_activation_fusion=args.bias_swiglu_fusion and not args.cpu,
+        bias_dropout_fusion=args.bias_dropout_fusion and not args.cpu,
         apply_rope_fusion=False,
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion and not args.cpu,
+        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
         # weight gradients added straight into DDP's main_grad (apex's kernel, or
         # fallback_kernels.WgradAccumulation), as Megatron-LM by default
         gradient_accumulation_fusion=args.gradient_accumulation_fusion,
