@@ -19,13 +19,8 @@ import argparse
 import os
 
 from megatron_ext.flag_defaults import apply_defaults
-from megatron_ext.layout import (
-    RECOMPUTE_MODULES,
-    LayoutError,
-    check_environment,
-    unhonoured,
-    validate,
-)
+from megatron_ext.layout import RECOMPUTE_MODULES, LayoutError, unhonoured, validate
+from megatron_ext.machine_checks import check_environment
 from megatron_ext.model.presets import PRESETS
 from megatron_ext.model.stack import parse_moe_layer_freq
 

@@ -21,6 +21,12 @@ class LayoutError(UsageError, ValueError):
     """An invalid combination of flags, found before any model is built."""
 
 
+def require_flags(cond: bool, message: str) -> None:
+    """Raise ``LayoutError(message)`` unless ``cond``: the flag checks' one-line refusal."""
+    if not cond:
+        raise LayoutError(message)
+
+
 class TrainingStopped(UsageError):
     """Training cannot go on (non-finite loss or gradients); the message says where to resume."""
 

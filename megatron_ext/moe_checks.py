@@ -6,12 +6,8 @@ from __future__ import annotations
 import argparse
 
 from megatron_ext.errors import LayoutError
+from megatron_ext.errors import require_flags as _require
 from megatron_ext.model.stack import moe_layer_pattern
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise LayoutError(message)
 
 
 def check_moe(args: argparse.Namespace) -> None:

@@ -154,7 +154,7 @@ def _softmax_choice(with_kernels, backend):
     import types
 
     from megatron_ext.arguments import check_environment, parse_args
-    from megatron_ext.layout import FUSED_SOFTMAX_KERNELS
+    from megatron_ext.machine_checks import FUSED_SOFTMAX_KERNELS
 
     if with_kernels:
         for name in FUSED_SOFTMAX_KERNELS:

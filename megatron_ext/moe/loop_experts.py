@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.fallback_kernels import accumulate_wgrad, added_to_main_grad
-from megatron_ext.moe.unpermute import gather_sum
+from megatron_ext.moe.unpermute import gather_sum, scale_rows
 
 
 def thread_groups(splits: tuple[int, ...], threads: int) -> list[list[int]]:
@@ -251,9 +251,7 @@ class _LocalExperts(torch.autograd.Function):
             if want_dprobs:
                 y = y_MH[rows].to(probs_M.dtype)
                 torch.linalg.vecdot(g.to(probs_M.dtype), y, out=dprob_M[rows])
-            if g.dtype == probs_M.dtype:
-                return g.mul_(probs_M[rows])
-            return (g.to(probs_M.dtype) * probs_M[rows]).to(y_MH.dtype)  # round once
+            return scale_rows(g, probs_M[rows])
 
         dx_MH = y_MH  # each expert's rows of y are read (dy_of) before its dx is written
         dw13, dw2 = _backward(ctx, w13_LFH, w2_LHF, flat, dy_of, dx_MH)
